@@ -1,0 +1,189 @@
+"""Mamba mixer with 1, 2 (Vim v2) or 4 (ARM v3) scan directions over a patch sequence.
+
+Parameter names follow the official checkpoints: ``in_proj``, ``out_proj`` and, per direction
+suffix ``s`` in ``["", "_b", "_c", "_c_b"]``, ``conv1d{s}``, ``x_proj{s}``, ``dt_proj{s}``,
+``A{s}_log``, ``D{s}``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mambaxray_ctl.ops import selective_scan
+
+if TYPE_CHECKING:
+    from mambaxray_ctl.backbone.config import VisionMambaConfig
+
+
+@dataclass(frozen=True)
+class ScanDirection:
+    """One scan: parameter-name suffix, column-major order or not, reversed or not."""
+
+    suffix: str
+    column: bool
+    reverse: bool
+
+
+SCAN_DIRECTIONS: tuple[ScanDirection, ...] = (
+    ScanDirection("", column=False, reverse=False),  # row forward
+    ScanDirection("_b", column=False, reverse=True),  # row backward
+    ScanDirection("_c", column=True, reverse=False),  # column forward
+    ScanDirection("_c_b", column=True, reverse=True),  # column backward
+)
+
+
+def column_major_index(
+    grid_size: tuple[int, int], cls_index: int | None = None, device: torch.device | None = None
+) -> Tensor:
+    """Token indices that reorder a row-major sequence into column-major order.
+
+    ``x[..., index]`` removes the class token (at ``cls_index``, if any), walks the (H, W) patch
+    grid column by column and re-inserts the class token at the same index. The inverse
+    permutation is ``index.argsort()``.
+    """
+    rows, cols = grid_size
+    order = torch.arange(rows * cols, device=device).view(rows, cols).t().reshape(-1)
+    if cls_index is None:
+        return order
+    if not 0 <= cls_index <= rows * cols:
+        raise ValueError(f"cls_index {cls_index} out of range for a {rows}x{cols} grid")
+    order = order + (order >= cls_index).long()  # patch number -> token index
+    cls = torch.tensor([cls_index], device=device)
+    return torch.cat([order[:cls_index], cls, order[cls_index:]])
+
+
+class MambaMixer(nn.Module):
+    """Selective-state-space mixer; ``(B, L, D) -> (B, L, D)``.
+
+    Per direction: depthwise causal conv + SiLU, ``x_proj`` -> (dt, B, C), ``dt_proj`` (its bias
+    goes into the scan as ``delta_bias`` with softplus), selective scan with ``D`` skip, gated by
+    ``silu(z)``. Backward directions flip the whole ``xz`` and flip the output back; column
+    directions reorder ``xz`` to column-major order and map the output back. The directions are
+    summed, averaged (always with 4, with 2 when ``divide_out``) and projected by ``out_proj``.
+    """
+
+    def __init__(self, config: VisionMambaConfig) -> None:
+        super().__init__()
+        self.d_inner = config.d_inner
+        self.d_state = config.d_state
+        self.dt_rank = config.resolved_dt_rank
+        self.directions = SCAN_DIRECTIONS[: config.scan_directions]
+        self.divide_out = config.divide_out or config.scan_directions == 4
+        self.ssm_impl = config.ssm_impl
+        self.dt_init_range = (config.dt_min, config.dt_max, config.dt_init_floor)
+
+        self.in_proj = nn.Linear(config.embed_dim, 2 * self.d_inner, bias=False)
+        for direction in self.directions:
+            s = direction.suffix
+            conv = nn.Conv1d(
+                self.d_inner,
+                self.d_inner,
+                kernel_size=config.d_conv,
+                groups=self.d_inner,
+                padding=config.d_conv - 1,
+            )
+            setattr(self, f"conv1d{s}", conv)
+            setattr(self, f"x_proj{s}", nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False))
+            setattr(self, f"dt_proj{s}", nn.Linear(self.dt_rank, self.d_inner))
+            a_log = nn.Parameter(torch.empty(self.d_inner, self.d_state, dtype=torch.float32))
+            d_skip = nn.Parameter(torch.empty(self.d_inner, dtype=torch.float32))
+            a_log._no_weight_decay = d_skip._no_weight_decay = True
+            self.register_parameter(f"A{s}_log", a_log)
+            self.register_parameter(f"D{s}", d_skip)
+        self.out_proj = nn.Linear(self.d_inner, config.embed_dim, bias=False)
+        self.reset_ssm_parameters()
+
+    @property
+    def no_weight_decay_names(self) -> list[str]:
+        """Names of the ``A*_log`` and ``D*`` parameters (Mamba excludes them from weight decay)."""
+        return [name for d in self.directions for name in (f"A{d.suffix}_log", f"D{d.suffix}")]
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba's init of every direction: ``dt_proj`` weight uniform ±dt_rank^-0.5, bias =
+        softplus^-1(dt) with dt log-uniform in [dt_min, dt_max] floored at dt_init_floor;
+        ``A_log = log(1..N)`` per channel; ``D = 1``."""
+        dt_min, dt_max, dt_floor = self.dt_init_range
+        for direction in self.directions:
+            s = direction.suffix
+            dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
+            bound = self.dt_rank**-0.5
+            nn.init.uniform_(dt_proj.weight, -bound, bound)
+            log_dt = torch.rand_like(dt_proj.bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+            dt = log_dt.exp().clamp(min=dt_floor)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            a_log: Tensor = getattr(self, f"A{s}_log")
+            a_log.copy_(torch.arange(1, self.d_state + 1, dtype=a_log.dtype, device=a_log.device).log())
+            getattr(self, f"D{s}").fill_(1.0)
+
+    def forward(
+        self, hidden_states: Tensor, grid_size: tuple[int, int] | None = None, cls_index: int | None = None
+    ) -> Tensor:
+        """Mix ``hidden_states`` (B, L, D) laid out row-major over ``grid_size`` (needed by column scans)
+        with the class token, if any, at ``cls_index``."""
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2·d_inner, L)
+        order = inverse = None
+        if any(direction.column for direction in self.directions):
+            order = self._column_order(hidden_states.shape[1], grid_size, cls_index, xz.device)
+            inverse = order.argsort()
+
+        out = None
+        for direction in self.directions:
+            seq = xz.index_select(-1, order) if direction.column else xz
+            if direction.reverse:
+                seq = seq.flip(-1)
+            y = self._scan(seq, direction.suffix)
+            if direction.reverse:
+                y = y.flip(-1)
+            if direction.column:
+                y = y.index_select(-1, inverse)
+            out = y if out is None else out + y
+        if self.divide_out and len(self.directions) > 1:
+            out = out / len(self.directions)
+        return self.out_proj(out.transpose(1, 2))
+
+    @staticmethod
+    def _column_order(
+        length: int, grid_size: tuple[int, int] | None, cls_index: int | None, device: torch.device
+    ) -> Tensor:
+        if grid_size is None:
+            raise ValueError("column scan directions need the patch grid_size of the sequence")
+        expected = grid_size[0] * grid_size[1] + int(cls_index is not None)
+        if length != expected:
+            raise ValueError(
+                f"sequence length {length} does not match grid {tuple(grid_size)} "
+                f"{'with' if cls_index is not None else 'without'} a class token (expected {expected})"
+            )
+        return column_major_index(grid_size, cls_index, device)
+
+    def _scan(self, xz: Tensor, suffix: str) -> Tensor:
+        """One direction on an already reordered ``xz`` (B, 2·d_inner, L) -> (B, d_inner, L)."""
+        conv: nn.Conv1d = getattr(self, f"conv1d{suffix}")
+        x_proj: nn.Linear = getattr(self, f"x_proj{suffix}")
+        dt_proj: nn.Linear = getattr(self, f"dt_proj{suffix}")
+        a_log: Tensor = getattr(self, f"A{suffix}_log")
+        d_skip: Tensor = getattr(self, f"D{suffix}")
+
+        length = xz.shape[-1]
+        x, z = xz.chunk(2, dim=1)
+        x = F.silu(conv(x)[..., :length])
+        dt, b, c = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias is applied inside the scan
+        return selective_scan(
+            x,
+            dt,
+            -torch.exp(a_log.float()),
+            b.transpose(1, 2),
+            c.transpose(1, 2),
+            D=d_skip.float(),
+            z=z,
+            delta_bias=dt_proj.bias.float(),
+            delta_softplus=True,
+            impl=self.ssm_impl,
+        )
