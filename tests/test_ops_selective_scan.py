@@ -128,6 +128,28 @@ def test_matches_float64_reference(
     assert_matches(got, run("reference", to64(inputs), options["softplus"]), **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_reverse_equals_scanning_the_flipped_sequence(impl: str, dtype: torch.dtype) -> None:
+    """``reverse=True`` walks L backwards: the same as flipping every time-axis input and the output."""
+    inputs = make_inputs(2, 7, 23, 16, **ALL, dtype=dtype)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
+    out, last = selective_scan(**leaves, delta_softplus=True, return_last_state=True, reverse=True, impl=impl)
+    flipped = {k: v.flip(-1) if k in {"u", "delta", "B", "C", "z"} else v for k, v in to64(leaves).items()}
+    want_out, want_last = selective_scan_reference(**flipped, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out.double(), want_out.flip(-1), **TOLERANCE[dtype])
+    torch.testing.assert_close(last.double(), want_last, **TOLERANCE[dtype])
+
+    grads = torch.autograd.grad(out.sum() + last.sum(), list(leaves.values()))
+    want_grads = torch.autograd.grad(want_out.sum() + want_last.sum(), list(leaves.values()))
+    for name, grad, want in zip(leaves, grads, want_grads, strict=True):
+        torch.testing.assert_close(
+            grad.double(), want.double(), **TOLERANCE[dtype], msg=lambda m, n=name: f"d{n}: {m}"
+        )
+    with torch.inference_mode():
+        fast = selective_scan(**inputs, delta_softplus=True, reverse=True, impl=impl)
+    torch.testing.assert_close(fast, out.detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(("d_state", "options"), [(4, ALL), (16, {**ALL, "softplus": False}), (3, BARE)])
 def test_gradcheck(impl: str, d_state: int, options: dict[str, bool]) -> None:
     inputs = make_inputs(2, 3, 5, d_state, **options)

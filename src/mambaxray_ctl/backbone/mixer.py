@@ -58,12 +58,43 @@ def column_major_index(
     return torch.cat([order[:cls_index], cls, order[cls_index:]])
 
 
+def _linear_channel_major(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.linear(x, weight).transpose(1, 2)`` for ``x`` (B, L, K), as a contiguous (B, out, L) tensor
+    computed as ``weight @ x^T`` (no transposed copy of the result)."""
+    if x.shape[0] == 1:
+        return torch.mm(weight, x[0].t()).unsqueeze(0)
+    return torch.matmul(weight, x.transpose(1, 2)).contiguous()
+
+
+def causal_depthwise_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool = False) -> Tensor:
+    """``conv1d(x, weight, bias, padding=K - 1, groups=channels)[..., :L]`` as K shifted multiply-adds.
+
+    ``x``: (B, C, L), ``weight``: (C, 1, K). Same sums in the same order as the convolution, several
+    times faster on CPU than the depthwise convolution kernel for Mamba's K = 4. ``reverse=True`` is the
+    convolution of the time-flipped ``x``, flipped back (causal in the backward direction): it reads
+    ``x[l + K - 1 - k]`` where the forward one reads ``x[l - K + 1 + k]``.
+    """
+    length, width = x.shape[-1], weight.shape[-1]
+    padded = F.pad(x, (0, width - 1) if reverse else (width - 1, 0))
+    w = weight[:, 0, :, None]  # (C, K, 1)
+
+    def tap(k: int) -> Tensor:
+        start = width - 1 - k if reverse else k
+        return padded[..., start : start + length]
+
+    out = tap(0) * w[:, 0] if bias is None else torch.addcmul(bias[:, None], tap(0), w[:, 0])
+    for k in range(1, width):
+        out.addcmul_(tap(k), w[:, k])  # in place: addcmul's backward needs no output
+    return out
+
+
 class MambaMixer(nn.Module):
     """Selective-state-space mixer; ``(B, L, D) -> (B, L, D)``.
 
     Per direction: depthwise causal conv + SiLU, ``x_proj`` -> (dt, B, C), ``dt_proj`` (its bias
     goes into the scan as ``delta_bias`` with softplus), selective scan with ``D`` skip, gated by
-    ``silu(z)``. Backward directions flip the whole ``xz`` and flip the output back; column
+    ``silu(z)``. Backward directions act as if ``xz`` were flipped and the output flipped back (the conv
+    and the scan walk the sequence backwards instead of copying it); column
     directions reorder ``xz`` to column-major order and map the output back. The directions are
     summed, averaged (always with 4, with 2 when ``divide_out``) and projected by ``out_proj``.
     """
@@ -127,7 +158,9 @@ class MambaMixer(nn.Module):
     ) -> Tensor:
         """Mix ``hidden_states`` (B, L, D) laid out row-major over ``grid_size`` (needed by column scans)
         with the class token, if any, at ``cls_index``."""
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2·d_inner, L)
+        # (B, 2·d_inner, L) computed directly in channel-major layout (as mamba-ssm does), so that the
+        # x and z halves are contiguous (for batch 1) and need no transposed copy before the scan.
+        xz = _linear_channel_major(hidden_states, self.in_proj.weight)
         order = inverse = None
         if any(direction.column for direction in self.directions):
             order = self._column_order(hidden_states.shape[1], grid_size, cls_index, xz.device)
@@ -136,11 +169,8 @@ class MambaMixer(nn.Module):
         out = None
         for direction in self.directions:
             seq = xz.index_select(-1, order) if direction.column else xz
-            if direction.reverse:
-                seq = seq.flip(-1)
-            y = self._scan(seq, direction.suffix)
-            if direction.reverse:
-                y = y.flip(-1)
+            # Backward directions run on the unflipped sequence: the conv and the scan walk it backwards.
+            y = self._scan(seq, direction.suffix, direction.reverse)
             if direction.column:
                 y = y.index_select(-1, inverse)
             out = y if out is None else out + y
@@ -162,19 +192,20 @@ class MambaMixer(nn.Module):
             )
         return column_major_index(grid_size, cls_index, device)
 
-    def _scan(self, xz: Tensor, suffix: str) -> Tensor:
-        """One direction on an already reordered ``xz`` (B, 2·d_inner, L) -> (B, d_inner, L)."""
+    def _scan(self, xz: Tensor, suffix: str, reverse: bool = False) -> Tensor:
+        """One direction on an already reordered ``xz`` (B, 2·d_inner, L) -> (B, d_inner, L); ``reverse``
+        gives the same result as flipping ``xz`` along L, scanning forwards and flipping the output back."""
         conv: nn.Conv1d = getattr(self, f"conv1d{suffix}")
         x_proj: nn.Linear = getattr(self, f"x_proj{suffix}")
         dt_proj: nn.Linear = getattr(self, f"dt_proj{suffix}")
         a_log: Tensor = getattr(self, f"A{suffix}_log")
         d_skip: Tensor = getattr(self, f"D{suffix}")
 
-        length = xz.shape[-1]
         x, z = xz.chunk(2, dim=1)
-        x = F.silu(conv(x)[..., :length])
+        x = F.silu(causal_depthwise_conv1d(x, conv.weight, conv.bias, reverse))
         dt, b, c = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias is applied inside the scan
+        # (B, d_inner, L) directly; the dt_proj bias is applied inside the scan.
+        dt = _linear_channel_major(dt, dt_proj.weight)
         return selective_scan(
             x,
             dt,
@@ -186,4 +217,5 @@ class MambaMixer(nn.Module):
             delta_bias=dt_proj.bias.float(),
             delta_softplus=True,
             impl=self.ssm_impl,
+            reverse=reverse,
         )

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from mambaxray_ctl.ops.reference import compute_dtype, selective_scan_reference
+from mambaxray_ctl.ops.reference import compute_dtype, reversed_scan, selective_scan_reference
 
 _SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
 # -fno-trapping-math lets gcc if-convert the clamps and selects of the vectorised math (without it
@@ -103,6 +103,10 @@ def _cast_grad(grad: Tensor, like: Tensor | None, needed: bool) -> Tensor | None
     return grad.to(like.dtype) if needed and like is not None else None
 
 
+# Positions of the arguments (and gradients) with a time axis: u, delta, B, C, z.
+_TIME_ARGS = frozenset({0, 1, 3, 4, 6})
+
+
 class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -117,11 +121,13 @@ class _SelectiveScanCPU(torch.autograd.Function):
         delta_bias: Tensor | None,
         delta_softplus: bool,
         return_last_state: bool,
+        reverse: bool,
     ) -> Tensor | tuple[Tensor, Tensor]:
         args = _kernel_args(u, delta, A, B, C, D, z, delta_bias)
-        out, last_state = torch.ops.mambaxray_ctl.selective_scan_fwd(*args, delta_softplus)
+        out, last_state = torch.ops.mambaxray_ctl.selective_scan_fwd(*args, delta_softplus, reverse)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.delta_softplus = delta_softplus
+        ctx.reverse = reverse
         out = out.to(u.dtype)
         return (out, last_state) if return_last_state else out
 
@@ -130,12 +136,19 @@ class _SelectiveScanCPU(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor, dlast: Tensor | None = None) -> tuple[Tensor | None, ...]:
         inputs = ctx.saved_tensors
         dtype = compute_dtype(inputs[0].dtype)
+        args = _kernel_args(*inputs)
+        if ctx.reverse:  # the backward op has no reverse flag: run it on the time-flipped problem
+            args = [t.flip(-1) if t is not None and i in _TIME_ARGS else t for i, t in enumerate(args)]
+            dout = dout.flip(-1)
         grads = torch.ops.mambaxray_ctl.selective_scan_bwd(
-            *_kernel_args(*inputs), ctx.delta_softplus, _prepare(dout, dtype), _prepare(dlast, dtype)
+            *args, ctx.delta_softplus, _prepare(dout, dtype), _prepare(dlast, dtype)
         )
+        if ctx.reverse:
+            grads = [g.flip(-1) if i in _TIME_ARGS and g.numel() else g for i, g in enumerate(grads)]
         needs = ctx.needs_input_grad
         return (
             *(_cast_grad(g, t, n) for g, t, n in zip(grads, inputs, needs, strict=False)),
+            None,
             None,
             None,
         )
@@ -152,10 +165,24 @@ def selective_scan_cpu_fused(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    reverse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Selective scan on CPU tensors with the fused kernel (reference fallback if it cannot be built)."""
+    """Selective scan on CPU tensors with the fused kernel (reference fallback if it cannot be built).
+
+    ``reverse``: scan from the last position to the first (as flipping the inputs along L, scanning and
+    flipping ``out`` back, without the copies).
+    """
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
     if not cpu_fused_available():
-        return selective_scan_reference(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
-        )
-    return _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        if reverse:
+            return reversed_scan(selective_scan_reference, *tensors, delta_softplus, return_last_state)
+        return selective_scan_reference(*tensors, delta_softplus, return_last_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _SelectiveScanCPU.apply(*tensors, delta_softplus, return_last_state, reverse)
+    # No gradient needed (e.g. inference mode): call the op directly, without the autograd node and
+    # the tensors it would save for the backward pass.
+    out, last_state = torch.ops.mambaxray_ctl.selective_scan_fwd(
+        *_kernel_args(*tensors), delta_softplus, reverse
+    )
+    out = out.to(u.dtype)
+    return (out, last_state) if return_last_state else out

@@ -12,6 +12,8 @@ loop makes autograd allocate a full ``(B, D, L, N)`` gradient per step (quadrati
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,3 +60,30 @@ def selective_scan_reference(
         y = y * F.silu(z.to(dtype))
     y = y.to(out_dtype)
     return (y, state) if return_last_state else y
+
+
+def _flip_time(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.flip(-1)
+
+
+def reversed_scan(
+    scan: Callable[..., Tensor | tuple[Tensor, Tensor]],
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``scan`` walking the sequence backwards: flips ``u, delta, B, C, z`` along L, scans and flips
+    ``out`` back (``last_state`` is the state after the first position)."""
+    u, delta, B, C, z = (_flip_time(t) for t in (u, delta, B, C, z))
+    result = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if return_last_state:
+        out, last_state = result
+        return out.flip(-1), last_state
+    return result.flip(-1)

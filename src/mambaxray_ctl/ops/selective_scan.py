@@ -14,7 +14,7 @@ from torch import Tensor
 
 from mambaxray_ctl.ops.cpu_fused import cpu_fused_available, selective_scan_cpu_fused
 from mambaxray_ctl.ops.cuda import CUDA_DTYPES, mamba_ssm_available, require_mamba_ssm, selective_scan_cuda
-from mambaxray_ctl.ops.reference import selective_scan_reference
+from mambaxray_ctl.ops.reference import reversed_scan, selective_scan_reference
 
 ScanImpl = Literal["auto", "reference", "cpu_fused", "cuda"]
 SCAN_IMPLS: tuple[str, ...] = get_args(ScanImpl)
@@ -98,18 +98,20 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     impl: ScanImpl = "auto",
+    reverse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan with mamba-ssm's ``selective_scan_fn`` semantics.
 
     Shapes: ``u, delta, z: (batch, dim, L)``, ``A: (dim, d_state)``, ``B, C: (batch, d_state, L)``,
     ``D, delta_bias: (dim,)``. Returns ``out (batch, dim, L)`` in ``u``'s dtype and, with
     ``return_last_state``, the final state ``(batch, dim, d_state)`` in float32 (float64 for float64 input).
+    ``reverse=True`` scans from the last position to the first: the same as flipping ``u, delta, B, C, z``
+    along L, scanning and flipping ``out`` back (the fused CPU kernel does it without the copies).
     """
     check_inputs(u, delta, A, B, C, D, z, delta_bias)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     chosen = resolve_impl(impl, u.device, u.dtype)
-    if chosen == "cuda":
-        return selective_scan_cuda(*args)
     if chosen == "cpu_fused":
-        return selective_scan_cpu_fused(*args)
-    return selective_scan_reference(*args)
+        return selective_scan_cpu_fused(*args, reverse=reverse)
+    scan = selective_scan_cuda if chosen == "cuda" else selective_scan_reference
+    return reversed_scan(scan, *args) if reverse else scan(*args)

@@ -6,7 +6,8 @@
 // The inner loops run over the state index n (vectorised; N = 16 is compiled as a constant so that the
 // carried state stays in registers); the per-step scalars (softplus, gate, <C, h> sums) are computed in
 // separate passes vectorised over l.
-// Forward: one pass per channel; parallel over the B*D channels.
+// Forward: one pass per channel; parallel over the B*D channels. With `reverse` the time loop walks L
+// backwards (the backward op has no such flag: the Python side flips around it).
 // Backward: per channel, the states and decays are recomputed into per-thread L x N buffers, then a
 // reverse pass accumulates the gradients. Parallel over d (batch loop inside), so dA, dD and d(delta_bias)
 // are owned by one thread; dB and dC (summed over d) go to per-thread (B, L, N) buffers reduced at the end.
@@ -196,8 +197,10 @@ SS_INLINE void row_sums(const T* P, T* out, int64_t L, int64_t N) {
 }
 
 // NS > 0: the state size N, fixed at compile time (the common N = 16); NS = 0: N = a.nstate.
+// reverse: the scan walks l = L-1 .. 0 (same as flipping every input along L, scanning and flipping out
+// back); out[l] stays at position l.
 template <typename T, int NS>
-void forward_kernel(const ScanArgs<T>& a, T* out, T* last_state) {
+void forward_kernel(const ScanArgs<T>& a, T* out, T* last_state, bool reverse) {
   const int64_t L = a.len, N = NS > 0 ? NS : a.nstate, channels = a.batch * a.dim;
 #pragma omp parallel num_threads(team_size(channels))
   {
@@ -213,7 +216,8 @@ void forward_kernel(const ScanArgs<T>& a, T* out, T* last_state) {
       const T* Ct = a.Ct + b * L * N;
       T* hp = h.data();
       std::fill(hp, hp + N, T(0));
-      for (int64_t l = 0; l < L; ++l) {
+      for (int64_t step = 0; step < L; ++step) {
+        const int64_t l = reverse ? L - 1 - step : step;
         const T dtl = dt[l], dtu = dtl * u[l];
         const T* Bl = Bt + l * N;
         const T* Cl = Ct + l * N;
@@ -415,7 +419,7 @@ void check_inputs(const Tensor& u, const Tensor& delta, const Tensor& A, const T
 std::tuple<Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                                     const Tensor& C, const std::optional<Tensor>& D,
                                     const std::optional<Tensor>& z, const std::optional<Tensor>& delta_bias,
-                                    bool delta_softplus) {
+                                    bool delta_softplus, bool reverse) {
   check_inputs(u, delta, A, B, C, D, z, delta_bias);
   const Tensor Bt = B.transpose(1, 2).contiguous(), Ct = C.transpose(1, 2).contiguous();
   Tensor out = at::empty_like(u);
@@ -423,9 +427,9 @@ std::tuple<Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const 
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_fwd", [&] {
     const auto args = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus);
     if (A.size(1) == 16) {
-      forward_kernel<scalar_t, 16>(args, out.data_ptr<scalar_t>(), last.data_ptr<scalar_t>());
+      forward_kernel<scalar_t, 16>(args, out.data_ptr<scalar_t>(), last.data_ptr<scalar_t>(), reverse);
     } else {
-      forward_kernel<scalar_t, 0>(args, out.data_ptr<scalar_t>(), last.data_ptr<scalar_t>());
+      forward_kernel<scalar_t, 0>(args, out.data_ptr<scalar_t>(), last.data_ptr<scalar_t>(), reverse);
     }
   });
   return {out, last};
@@ -473,7 +477,7 @@ std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor&
 TORCH_LIBRARY(mambaxray_ctl, m) {
   m.def(
       "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-      "Tensor? delta_bias, bool delta_softplus) -> (Tensor, Tensor)");
+      "Tensor? delta_bias, bool delta_softplus, bool reverse=False) -> (Tensor, Tensor)");
   m.def(
       "selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
       "Tensor? delta_bias, bool delta_softplus, Tensor dout, Tensor? dlast) -> Tensor[]");
