@@ -481,3 +481,25 @@ def test_create_backbone_from_config_with_overrides() -> None:
     assert len(model.layers) == 1 and model.config.block_style == "vim"
     with pytest.raises(TypeError):
         create_backbone(42)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_causal_depthwise_conv1d_equals_torch_conv(reverse: bool, with_bias: bool) -> None:
+    """The shift-add conv equals nn.Conv1d's depthwise causal conv (on the flipped sequence if reverse)."""
+    from mambaxray_ctl.backbone.mixer import causal_depthwise_conv1d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 11, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 1, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True) if with_bias else None
+    got = causal_depthwise_conv1d(x, weight, bias, reverse)
+    seq = x.flip(-1) if reverse else x
+    want = torch.nn.functional.conv1d(seq, weight, bias, padding=3, groups=6)[..., :11]
+    want = want.flip(-1) if reverse else want
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    grads = torch.autograd.grad(got.square().sum(), leaves)
+    want_grads = torch.autograd.grad(want.square().sum(), leaves)
+    for grad, want_grad in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(grad, want_grad, rtol=0, atol=1e-10)
