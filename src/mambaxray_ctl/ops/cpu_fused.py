@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from mambaxray_ctl.ops.reference import compute_dtype, reversed_scan, selective_scan_reference
+from mambaxray_ctl.ops.reference import compute_dtype, flip_time, reversed_scan, selective_scan_reference
 
 _SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
 # -fno-trapping-math lets gcc if-convert the clamps and selects of the vectorised math (without it
@@ -103,8 +103,14 @@ def _cast_grad(grad: Tensor, like: Tensor | None, needed: bool) -> Tensor | None
     return grad.to(like.dtype) if needed and like is not None else None
 
 
-# Positions of the arguments (and gradients) with a time axis: u, delta, B, C, z.
-_TIME_ARGS = frozenset({0, 1, 3, 4, 6})
+def _fused_forward(
+    tensors: tuple[Tensor | None, ...], delta_softplus: bool, reverse: bool
+) -> tuple[Tensor, Tensor]:
+    """The forward op on ``(u, delta, A, B, C, D, z, delta_bias)``: ``out`` in ``u``'s dtype, last state."""
+    out, last_state = torch.ops.mambaxray_ctl.selective_scan_fwd(
+        *_kernel_args(*tensors), delta_softplus, reverse
+    )
+    return out.to(tensors[0].dtype), last_state
 
 
 class _SelectiveScanCPU(torch.autograd.Function):
@@ -123,12 +129,10 @@ class _SelectiveScanCPU(torch.autograd.Function):
         return_last_state: bool,
         reverse: bool,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        args = _kernel_args(u, delta, A, B, C, D, z, delta_bias)
-        out, last_state = torch.ops.mambaxray_ctl.selective_scan_fwd(*args, delta_softplus, reverse)
+        out, last_state = _fused_forward((u, delta, A, B, C, D, z, delta_bias), delta_softplus, reverse)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.delta_softplus = delta_softplus
         ctx.reverse = reverse
-        out = out.to(u.dtype)
         return (out, last_state) if return_last_state else out
 
     @staticmethod
@@ -138,13 +142,13 @@ class _SelectiveScanCPU(torch.autograd.Function):
         dtype = compute_dtype(inputs[0].dtype)
         args = _kernel_args(*inputs)
         if ctx.reverse:  # the backward op has no reverse flag: run it on the time-flipped problem
-            args = [t.flip(-1) if t is not None and i in _TIME_ARGS else t for i, t in enumerate(args)]
+            args = flip_time(args)
             dout = dout.flip(-1)
         grads = torch.ops.mambaxray_ctl.selective_scan_bwd(
             *args, ctx.delta_softplus, _prepare(dout, dtype), _prepare(dlast, dtype)
         )
         if ctx.reverse:
-            grads = [g.flip(-1) if i in _TIME_ARGS and g.numel() else g for i, g in enumerate(grads)]
+            grads = flip_time(grads)
         needs = ctx.needs_input_grad
         return (
             *(_cast_grad(g, t, n) for g, t, n in zip(grads, inputs, needs, strict=False)),
@@ -181,8 +185,5 @@ def selective_scan_cpu_fused(
         return _SelectiveScanCPU.apply(*tensors, delta_softplus, return_last_state, reverse)
     # No gradient needed (e.g. inference mode): call the op directly, without the autograd node and
     # the tensors it would save for the backward pass.
-    out, last_state = torch.ops.mambaxray_ctl.selective_scan_fwd(
-        *_kernel_args(*tensors), delta_softplus, reverse
-    )
-    out = out.to(u.dtype)
+    out, last_state = _fused_forward(tensors, delta_softplus, reverse)
     return (out, last_state) if return_last_state else out

@@ -12,7 +12,8 @@ loop makes autograd allocate a full ``(B, D, L, N)`` gradient per step (quadrati
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,28 +63,23 @@ def selective_scan_reference(
     return (y, state) if return_last_state else y
 
 
-def _flip_time(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.flip(-1)
+# Positions, in the scan's argument order (u, delta, A, B, C, D, z, delta_bias), of the time-axis inputs.
+TIME_AXIS_INPUTS = frozenset({0, 1, 3, 4, 6})
+
+
+def flip_time(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Flip along L the scan inputs (or their gradients, same order) with a time axis: u, delta, B, C, z."""
+    return [t.flip(-1) if i in TIME_AXIS_INPUTS and t is not None else t for i, t in enumerate(tensors)]
 
 
 def reversed_scan(
-    scan: Callable[..., Tensor | tuple[Tensor, Tensor]],
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
+    scan: Callable[..., Tensor | tuple[Tensor, Tensor]], *args: Any
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """``scan`` walking the sequence backwards: flips ``u, delta, B, C, z`` along L, scans and flips
+    """``scan(*args)`` walking the sequence backwards; ``args`` in the scan's order (u, delta, A, B, C, D, z,
+    delta_bias, delta_softplus, return_last_state). Flips the time-axis inputs along L, scans and flips
     ``out`` back (``last_state`` is the state after the first position)."""
-    u, delta, B, C, z = (_flip_time(t) for t in (u, delta, B, C, z))
-    result = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if return_last_state:
+    result = scan(*flip_time(args[:8]), *args[8:])
+    if isinstance(result, tuple):
         out, last_state = result
         return out.flip(-1), last_state
     return result.flip(-1)
