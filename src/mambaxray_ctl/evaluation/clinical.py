@@ -1,0 +1,181 @@
+"""Clinical efficacy (CE): precision, recall and F1 of findings labelled in generated reports against
+the same labeller run on the reference reports (R2Gen's ``compute_ce.py`` recipe, METHOD-ANCHORS §6).
+
+No labeller for real reports ships with this package. To use CheXbert or the CheXpert labeler,
+write a class with the :class:`Labeler` interface — a ``label_names`` attribute and
+``__call__(reports) -> list[list[int]]`` with 1 for a positive finding and 0 for negative,
+uncertain (-1) or unmentioned — whose constructor takes no arguments (read weights paths from
+environment variables or a config file), and pass it as ``--labeler package.module:ClassName``.
+The ``demo`` labeler only understands the reports of the synthetic demo world.
+
+Zero division follows scikit-learn's ``zero_division=0``: a label with no predicted positives has
+precision 0, one with no reference positives has recall 0, and F1 is 0 whenever precision and
+recall are both 0 — so a finding absent from both sides scores 0 and lowers the macro averages.
+Macro = unweighted mean of the per-label values; micro pools the counts over labels.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from mambaxray_ctl.data.demo_world import LABEL_NAMES, extract_labels
+from mambaxray_ctl.evaluation.report_metrics import (
+    add_text_state,
+    decode_texts,
+    deduplicate,
+    encode_texts,
+    gather_uint8,
+)
+
+
+class Labeler(Protocol):
+    """Turns report texts into 0/1 finding labels, one row per report in ``label_names`` order."""
+
+    label_names: Sequence[str]
+
+    def __call__(self, reports: Sequence[str]) -> list[list[int]]: ...
+
+
+class DemoWorldLabeler:
+    """The demo world's rule-based report reader, :func:`mambaxray_ctl.data.demo_world.extract_labels`."""
+
+    label_names: Sequence[str] = LABEL_NAMES
+
+    def __call__(self, reports: Sequence[str]) -> list[list[int]]:
+        return [extract_labels(report) for report in reports]
+
+
+def load_labeler(spec: str) -> Labeler:
+    """``"demo"`` or ``"package.module:ClassName"`` (instantiated without arguments)."""
+    if spec == "demo":
+        return DemoWorldLabeler()
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ValueError(f"unknown labeler {spec!r}: use 'demo' or 'package.module:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"labeler {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+    try:
+        labeler = getattr(module, class_name)()
+    except AttributeError as exc:
+        raise ValueError(f"labeler {spec!r}: module {module_name!r} has no {class_name!r}") from exc
+    if not callable(labeler) or not hasattr(labeler, "label_names"):
+        raise ValueError(f"labeler {spec!r} needs a 'label_names' attribute and __call__(reports)")
+    return labeler
+
+
+def label_reports(labeler: Labeler, reports: Sequence[str]) -> np.ndarray:
+    """Run ``labeler`` and check its answer: an ``(len(reports), len(label_names))`` 0/1 matrix."""
+    labels = _binary_matrix(labeler(reports), f"labels from {type(labeler).__name__}")
+    expected = (len(reports), len(labeler.label_names))
+    if labels.shape != expected:
+        raise ValueError(
+            f"{type(labeler).__name__} returned labels of shape {labels.shape}, expected {expected}"
+        )
+    return labels
+
+
+def _binary_matrix(labels: Any, name: str) -> np.ndarray:
+    array = np.asarray(labels.detach().cpu() if isinstance(labels, Tensor) else labels)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-d (studies, labels) matrix, got shape {array.shape}")
+    if array.size and not np.isin(array, (0, 1)).all():
+        raise ValueError(f"{name} must hold only 0 and 1 (map uncertain -1 and missing labels to 0 first)")
+    return array.astype(bool)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    return np.divide(numerator, denominator, out=np.zeros(numerator.shape), where=denominator > 0)
+
+
+def clinical_scores(pred: Any, ref: Any, label_names: Sequence[str]) -> dict[str, float]:
+    """Micro and macro CE precision/recall/F1 plus per-finding values of 0/1 ``(N, K)`` matrices."""
+    pred, ref = _binary_matrix(pred, "pred"), _binary_matrix(ref, "ref")
+    if pred.shape != ref.shape or pred.shape[1] != len(label_names):
+        raise ValueError(
+            f"pred {pred.shape} and ref {ref.shape} must have the same shape, with one column per "
+            f"label name ({len(label_names)})"
+        )
+    if not len(pred):
+        raise ValueError("cannot compute clinical scores of zero studies")
+    tp = (pred & ref).sum(0).astype(float)
+    fp = (pred & ~ref).sum(0).astype(float)
+    fn = (~pred & ref).sum(0).astype(float)
+    per_label = {
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "F1": _ratio(2 * tp, 2 * tp + fp + fn),
+    }
+    micro = {
+        "precision": _ratio(tp.sum(), tp.sum() + fp.sum()),
+        "recall": _ratio(tp.sum(), tp.sum() + fn.sum()),
+        "F1": _ratio(2 * tp.sum(), 2 * tp.sum() + fp.sum() + fn.sum()),
+    }
+    scores = {}
+    for kind in ("precision", "recall", "F1"):
+        scores[f"CE_{kind}_micro"] = float(micro[kind])
+        scores[f"CE_{kind}_macro"] = float(per_label[kind].mean())
+    for kind in ("F1", "precision", "recall"):
+        scores.update(
+            {f"CE_{kind}/{name}": float(v) for name, v in zip(label_names, per_label[kind], strict=True)}
+        )
+    return scores
+
+
+class ClinicalEfficacy(Metric):
+    """:func:`clinical_scores` over all ranks, de-duplicated by study id like ``ReportMetrics``.
+
+    ``update(ids, predicted_labels, reference_labels)`` takes 0/1 ``(batch, K)`` matrices;
+    ``compute()`` returns a dict of Python floats, the same on every rank.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, label_names: Sequence[str], **kwargs: Any) -> None:
+        kwargs.setdefault("dist_sync_fn", gather_uint8)
+        super().__init__(**kwargs)
+        if not label_names:
+            raise ValueError("label_names must not be empty")
+        self.label_names = tuple(label_names)
+        add_text_state(self, "ids")
+        # labels stored flat (uint8) so that every state is 1-d and gathers like the text states
+        self.add_state("predicted", default=[], dist_reduce_fx="cat")
+        self.add_state("reference", default=[], dist_reduce_fx="cat")
+        self.num_duplicates = 0
+        self.num_conflicts = 0
+
+    def update(self, ids: Sequence[str], predicted_labels: Any, reference_labels: Any) -> None:
+        flat = {}
+        for name, labels in (("predicted", predicted_labels), ("reference", reference_labels)):
+            matrix = _binary_matrix(labels, f"{name}_labels")
+            if matrix.shape != (len(ids), len(self.label_names)):
+                raise ValueError(
+                    f"{name}_labels has shape {matrix.shape}, expected ({len(ids)}, {len(self.label_names)})"
+                )
+            flat[name] = torch.as_tensor(matrix.reshape(-1), dtype=torch.uint8, device=self.device)
+        self.ids.append(encode_texts(ids, self.device, "ids"))
+        self.predicted.append(flat["predicted"])
+        self.reference.append(flat["reference"])
+
+    def _matrix(self, state: list[Tensor] | Tensor) -> np.ndarray:
+        if isinstance(state, list) and not state:
+            return np.zeros((0, len(self.label_names)), dtype=np.uint8)
+        return dim_zero_cat(state).to("cpu", torch.uint8).numpy().reshape(-1, len(self.label_names))
+
+    def compute(self) -> dict[str, float]:
+        ids = decode_texts(self.ids)
+        pred, ref = self._matrix(self.predicted), self._matrix(self.reference)
+        dedup = deduplicate(ids, [row.tobytes() for row in pred], what="predicted label vector")
+        self.num_duplicates, self.num_conflicts = dedup.duplicates, dedup.conflicts
+        return clinical_scores(pred[dedup.keep], ref[dedup.keep], self.label_names)

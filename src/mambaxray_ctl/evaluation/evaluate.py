@@ -1,0 +1,179 @@
+"""``mambaxray-ctl evaluate``: score a predictions file offline.
+
+``mambaxray-ctl evaluate predictions.jsonl --dataset iu_xray|chexpert_plus|demo`` reads one JSON
+object per line with at least ``id``, ``generated`` and ``reference`` (other keys are ignored),
+keeps the first line of each study id, scores the corpus with :func:`score_reports` — plus clinical
+efficacy when a labeller is given (``demo`` by default for the demo dataset) — prints a paper-style
+table and writes ``metrics.json`` next to the predictions (``--out`` to change).
+
+Texts are scored as written by default: the predict step writes R2Gen-cleaned text, and cleaning is
+not idempotent (the last sentence gains a space before its final ``"."`` on every pass, which
+changes ROUGE-L's tokens). Pass ``--clean`` for raw reports: both sides are then cleaned with the
+dataset's R2Gen rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mambaxray_ctl.data.cleaning import clean_report, is_empty_report
+from mambaxray_ctl.evaluation.clinical import Labeler, clinical_scores, label_reports, load_labeler
+from mambaxray_ctl.evaluation.report_metrics import MeteorOption, deduplicate, score_reports
+
+DATASET_RULES = {"iu_xray": "iu_xray", "chexpert_plus": "mimic_cxr", "demo": "mimic_cxr"}
+REQUIRED_KEYS = ("id", "generated", "reference")
+# The MambaXray-CTL paper's Table I could not be found in a trustworthy source; no numbers are
+# printed for it rather than numbers from memory.
+PAPER_ROWS_NOTE = "paper rows: not available"
+
+
+def read_predictions(path: str | Path) -> list[tuple[str, str, str]]:
+    """``(id, generated, reference)`` of every line; errors name the file and the line number."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            missing = [key for key in REQUIRED_KEYS if key not in row]
+            if missing:
+                raise ValueError(f"{path}:{number}: missing key(s) {', '.join(missing)}")
+            if not isinstance(row["id"], str | int) or isinstance(row["id"], bool):
+                raise ValueError(f"{path}:{number}: 'id' must be a string or an integer")
+            for key in ("generated", "reference"):
+                if not isinstance(row[key], str):
+                    raise ValueError(
+                        f"{path}:{number}: {key!r} must be a string, got {type(row[key]).__name__}"
+                    )
+            records.append((str(row["id"]), row["generated"], row["reference"]))
+    if not records:
+        raise ValueError(f"{path}: no predictions")
+    return records
+
+
+def evaluate_predictions(
+    path: str | Path,
+    dataset: str,
+    labeler: Labeler | str | None = None,
+    meteor: MeteorOption = "auto",
+    clean: bool = False,
+) -> dict[str, Any]:
+    """Metrics of a predictions file, with the counts and settings that ``metrics.json`` records.
+
+    ``labeler`` is a :class:`Labeler`, a :func:`load_labeler` spec or None (no clinical scores);
+    ``clean`` cleans both texts with the dataset's R2Gen rule first.
+    """
+    if dataset not in DATASET_RULES:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_RULES)}")
+    if isinstance(labeler, str):
+        labeler = load_labeler(labeler)
+    records = read_predictions(path)
+    dedup = deduplicate([study for study, _, _ in records], [(gen, ref) for _, gen, ref in records])
+    records = [records[index] for index in dedup.keep]
+    rule = DATASET_RULES[dataset] if clean else "none"
+    ids = [study for study, _, _ in records]
+    generated = [clean_report(gen, rule) if clean else gen for _, gen, _ in records]
+    references = [clean_report(ref, rule) if clean else ref for _, _, ref in records]
+    metrics: dict[str, Any] = score_reports(
+        dict(zip(ids, generated, strict=True)), dict(zip(ids, references, strict=True)), meteor=meteor
+    )
+    if labeler is not None:
+        metrics.update(
+            clinical_scores(
+                label_reports(labeler, generated), label_reports(labeler, references), labeler.label_names
+            )
+        )
+    metrics.update(
+        num_studies=len(records),
+        num_empty_generated=sum(is_empty_report(text) for text in generated),
+        num_duplicate_ids=dedup.duplicates,
+        num_conflicting_duplicates=dedup.conflicts,
+        dataset=dataset,
+        cleaning=rule,
+        labeler=None if labeler is None else type(labeler).__name__,
+        predictions=str(path),
+    )
+    return metrics
+
+
+def format_table(metrics: dict[str, Any], dataset: str, name: str) -> str:
+    """A paper-style table of our row (the paper's rows for iu_xray / chexpert_plus are not available)."""
+    columns = [("BLEU-1", "BLEU_1"), ("BLEU-2", "BLEU_2"), ("BLEU-3", "BLEU_3"), ("BLEU-4", "BLEU_4")]
+    columns += [("ROUGE-L", "ROUGE_L"), ("METEOR", "METEOR"), ("CIDEr", "CIDEr")]
+    if "CE_F1_macro" in metrics:
+        columns += [("CE-P", "CE_precision_macro"), ("CE-R", "CE_recall_macro"), ("CE-F1", "CE_F1_macro")]
+    label = f"ours ({name})"
+    width = max(len(label), 10)
+    cells = [f"{metrics[key]:.3f}" if key in metrics else "n/a" for _, key in columns]
+    lines = [
+        f"{'':<{width}}  " + "  ".join(f"{title:>7}" for title, _ in columns),
+        f"{label:<{width}}  " + "  ".join(f"{cell:>7}" for cell in cells),
+    ]
+    if dataset in ("iu_xray", "chexpert_plus"):
+        lines.append(PAPER_ROWS_NOTE)
+    if "CE_F1_macro" in metrics:
+        lines.append("CE-P/R/F1: macro averages over the labeller's findings")
+    return "\n".join(lines)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("predictions", type=Path, help="JSON lines with id, generated and reference")
+    parser.add_argument(
+        "--dataset", required=True, choices=sorted(DATASET_RULES), help="dataset of the predictions"
+    )
+    parser.add_argument(
+        "--labeler",
+        default=None,
+        help="clinical labeller: demo, package.module:ClassName or none (default: demo for the demo "
+        "dataset, none otherwise)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="metrics file (default: metrics.json next to the predictions)"
+    )
+    parser.add_argument(
+        "--meteor",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="METEOR needs Java (default: auto = if java is found)",
+    )
+    parser.add_argument(
+        "--clean",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="clean both texts with the dataset's R2Gen rule first, for raw reports (default: as written)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = args.labeler or ("demo" if args.dataset == "demo" else "none")
+    meteor: MeteorOption = {"auto": "auto", "on": True, "off": False}[args.meteor]
+    try:
+        metrics = evaluate_predictions(
+            args.predictions, args.dataset, None if spec == "none" else spec, meteor=meteor, clean=args.clean
+        )
+        out = args.out or args.predictions.with_name("metrics.json")
+        out.write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"mambaxray-ctl evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(metrics, args.dataset, args.predictions.name))
+    if "METEOR" not in metrics:
+        print("METEOR: n/a (needs Java; --meteor on to require it)")
+    if spec == "none":
+        print("clinical scores: omitted (no labeller; pass --labeler package.module:ClassName)")
+    print(
+        f"{metrics['num_studies']} studies, {metrics['num_empty_generated']} with empty generated text, "
+        f"{metrics['num_duplicate_ids']} duplicate ids dropped "
+        f"({metrics['num_conflicting_duplicates']} with different text; the first line was kept)"
+    )
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,164 @@
+"""The ``evaluate`` command: predictions file validation, metrics.json, table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from mambaxray_ctl.data.cleaning import clean_report
+from mambaxray_ctl.evaluation import evaluate
+from mambaxray_ctl.evaluation.report_metrics import score_reports
+
+FIXTURE = Path(__file__).parent / "fixtures" / "evaluation" / "golden_pairs.json"
+
+
+def write_predictions(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def golden_rows() -> list[dict]:
+    rows = json.loads(FIXTURE.read_text())
+    return [
+        {**row, "dataset": "iu_xray", "checkpoint": "last.ckpt", "decoding": {"num_beams": 3}} for row in rows
+    ]
+
+
+def run_command(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    evaluate.configure_parser(parser)
+    return evaluate.run(parser.parse_args(list(argv)))
+
+
+def test_metrics_json_equals_score_reports(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rows = golden_rows()
+    duplicate = {**rows[0], "generated": "another text ."}
+    path = write_predictions(tmp_path / "predictions.jsonl", [*rows, duplicate])
+    assert run_command(str(path), "--dataset", "iu_xray", "--meteor", "off") == 0
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    expected = score_reports(
+        {r["id"]: r["generated"] for r in rows}, {r["id"]: r["reference"] for r in rows}, False
+    )
+    assert {key: metrics[key] for key in expected} == expected
+    assert "METEOR" not in metrics and "CE_F1_macro" not in metrics
+    assert metrics["num_studies"] == 20
+    assert metrics["num_empty_generated"] == 1
+    assert metrics["num_duplicate_ids"] == 1
+    assert metrics["num_conflicting_duplicates"] == 1
+    assert (metrics["dataset"], metrics["predictions"], metrics["cleaning"]) == ("iu_xray", str(path), "none")
+
+    out = capsys.readouterr().out
+    assert "ours (predictions.jsonl)" in out
+    assert f"{expected['BLEU_4']:.3f}" in out
+    assert "paper rows: not available" in out
+    assert "clinical scores: omitted" in out
+    assert "METEOR: n/a" in out
+
+
+def test_clean_applies_the_dataset_rule(tmp_path: Path) -> None:
+    rows = [
+        {
+            "id": "1",
+            "generated": "The heart is normal. No effusion.",
+            "reference": "Heart size normal. No effusion.",
+        },
+        {
+            "id": "2",
+            "generated": "Findings: small left effusion.",
+            "reference": "Findings: Left pleural effusion.",
+        },
+    ]
+    path = write_predictions(tmp_path / "raw.jsonl", rows)
+    out = tmp_path / "scores.json"
+    assert (
+        run_command(str(path), "--dataset", "chexpert_plus", "--meteor", "off", "--clean", "--out", str(out))
+        == 0
+    )
+    metrics = json.loads(out.read_text())
+    expected = score_reports(
+        {r["id"]: clean_report(r["generated"], "mimic_cxr") for r in rows},
+        {r["id"]: clean_report(r["reference"], "mimic_cxr") for r in rows},
+        meteor=False,
+    )
+    assert {key: metrics[key] for key in expected} == expected
+    assert metrics["cleaning"] == "mimic_cxr"
+
+
+@pytest.mark.parametrize("rule", ["iu_xray", "mimic_cxr"])
+def test_cleaning_is_not_idempotent(rule: str) -> None:
+    """Why texts are scored as written unless --clean: a second pass changes cleaned text."""
+    once = clean_report("The heart is normal. No effusion.", rule)
+    assert once == "the heart is normal . no effusion ."
+    assert clean_report(once, rule) == "the heart is normal . no effusion  ."
+
+
+def test_demo_dataset_gets_clinical_scores(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_predictions(tmp_path / "demo.jsonl", golden_rows())
+    assert run_command(str(path), "--dataset", "demo", "--meteor", "off") == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {
+        "CE_precision_macro",
+        "CE_recall_macro",
+        "CE_F1_macro",
+        "CE_F1_micro",
+        "CE_F1/cardiomegaly",
+    } <= set(metrics)
+    assert metrics["labeler"] == "DemoWorldLabeler"
+    out = capsys.readouterr().out
+    assert "CE-F1" in out and "paper rows" not in out
+
+    no_labels = evaluate.evaluate_predictions(path, "demo", labeler=None, meteor=False)
+    assert "CE_F1_macro" not in no_labels
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"id": "x", "generated": "a ."}', "missing key(s) reference"),
+        ('["x", "a .", "b ."]', "expected a JSON object"),
+        ('{"id": "x", "generated": null, "reference": "b ."}', "'generated' must be a string"),
+        ('{"id": [1], "generated": "a .", "reference": "b ."}', "'id' must be a string or an integer"),
+    ],
+)
+def test_malformed_line_names_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, line: str, message: str
+) -> None:
+    rows = golden_rows()[:2]
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n\n" + line + "\n" + json.dumps(rows[1]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3") as info:
+        evaluate.read_predictions(path)
+    assert message in str(info.value)
+    assert run_command(str(path), "--dataset", "iu_xray", "--meteor", "off") == 1
+    assert f"bad.jsonl:3: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_errors_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    assert run_command(str(empty), "--dataset", "iu_xray") == 1
+    assert "empty.jsonl: no predictions" in capsys.readouterr().err
+    assert run_command(str(tmp_path / "missing.jsonl"), "--dataset", "iu_xray") == 1
+    assert "missing.jsonl" in capsys.readouterr().err
+    path = write_predictions(tmp_path / "p.jsonl", golden_rows()[:2])
+    assert run_command(str(path), "--dataset", "iu_xray", "--labeler", "nope") == 1
+    assert "unknown labeler 'nope'" in capsys.readouterr().err
+
+
+def test_integer_ids_become_strings(tmp_path: Path) -> None:
+    path = tmp_path / "ints.jsonl"
+    path.write_text('{"id": 7, "generated": "a .", "reference": "b ."}\n', encoding="utf-8")
+    assert evaluate.read_predictions(path) == [("7", "a .", "b .")]
+
+
+def test_table_without_optional_columns() -> None:
+    table = evaluate.format_table({"BLEU_1": 0.5, "BLEU_4": 0.1}, "demo", "x.jsonl")
+    header, row = table.splitlines()
+    assert "METEOR" in header and "CE-F1" not in header
+    assert row.startswith("ours (x.jsonl)") and "0.500" in row and "n/a" in row
