@@ -5,8 +5,27 @@ PY         := $(VENV)/bin/python
 # The CPU build of torch on CPU-only machines; GPU users: `make setup TORCH_SPEC=torch` or use environment.yml.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+CLI        := $(VENV)/bin/mambaxray-ctl
 
-.PHONY: help setup setup-cuda test test-full lint bench clean
+# Training: `make stage1 DATA=iu_xray`, then stage2, stage3. DATA is a file in configs/data/;
+# configs/$(DATA)/stageN.yaml, when present, adds that dataset's settings for the stage.
+DATA       ?= demo
+TRAINER    ?= $(if $(filter demo,$(DATA)),cpu,gpu)
+RUNS       := outputs/$(DATA)
+ARGS       ?=
+CKPT       ?= $(call newest,$(RUNS)/stage3/*/checkpoints/last.ckpt)
+# The newest file matching a glob (runs are versioned: outputs/<data>/stageN/version_K/).
+newest      = $(shell ls -t $(1) 2>/dev/null | head -n 1)
+configs     = -c configs/data/$(DATA).yaml -c configs/$(1).yaml \
+              $(addprefix -c ,$(wildcard configs/$(DATA)/$(2).yaml)) -c configs/trainer/$(TRAINER).yaml
+# INIT=path overrides the hand-off; INIT=none starts the stage from scratch.
+init_arg    = $(if $(filter none,$(1)),--model.init_args.init_from=null,\
+              $(if $(1),--model.init_args.init_from=$(1),$(error no $(2) export under $(RUNS); \
+              run `make $(2) DATA=$(DATA)` first or pass INIT=path (INIT=none: no hand-off))))
+DEMO_DATA   = $(if $(filter demo,$(DATA)),demo-data)
+
+.PHONY: help setup setup-cuda test test-full lint bench clean demo demo-data stage1 stage2 stage3 \
+        predict evaluate ablation
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -37,6 +56,34 @@ bench: setup  ## benchmarks: tables printed, JSON written to bench/results/
 	$(PY) bench/bench_scan.py
 	$(PY) bench/bench_backbone.py
 	$(PY) bench/bench_data.py
+
+demo: setup  ## the whole pipeline on the synthetic world, on a CPU: data, 3 stages, predictions, metrics table
+	$(CLI) demo
+
+demo-data: setup data/demo/text/lm/config.json  ## generate the synthetic world and its small text models
+
+data/demo/annotation.json:
+	$(CLI) make-demo-data --out data/demo --n 2400 --seed 0
+
+data/demo/text/lm/config.json: data/demo/annotation.json
+	$(CLI) build-demo-text-models --annotation data/demo/annotation.json --out data/demo/text
+
+stage1: setup $(DEMO_DATA)  ## stage 1 (ARM pretraining) on DATA; export -> outputs/DATA/stage1/version_*/
+	$(CLI) fit $(call configs,stage1_arm,stage1) $(ARGS)
+
+stage2: setup $(DEMO_DATA)  ## stage 2 (contrastive) from the newest stage-1 export (or INIT=path|none)
+	$(CLI) fit $(call configs,stage2_contrastive,stage2) \
+		$(call init_arg,$(or $(INIT),$(call newest,$(RUNS)/stage1/*/backbone.safetensors)),stage1) $(ARGS)
+
+stage3: setup $(DEMO_DATA)  ## stage 3 (report generation) from the newest stage-2 export (or INIT=path|none)
+	$(CLI) fit $(call configs,stage3_reportgen,stage3) \
+		$(call init_arg,$(or $(INIT),$(call newest,$(RUNS)/stage2/*/backbone.safetensors)),stage2) $(ARGS)
+
+predict: setup $(DEMO_DATA)  ## predictions.jsonl for the test split from CKPT (default: newest stage-3 last.ckpt)
+	$(CLI) predict $(call configs,stage3_reportgen,stage3) --ckpt_path $(CKPT) $(ARGS)
+
+evaluate: setup  ## score PRED=path/to/predictions.jsonl with the paper's protocol
+	$(CLI) evaluate $(PRED) --dataset $(DATA)
 
 clean:  ## remove caches (not the venv, not data)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

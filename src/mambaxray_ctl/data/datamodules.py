@@ -19,9 +19,8 @@ import logging
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -97,6 +96,8 @@ class ReportDataModule(LightningDataModule):
     :param crop_scale_min: stage 1: smallest crop area fraction of the random resized crop.
     :param predict_split: the split served by ``predict_dataloader``.
     """
+
+    dataset_name: ClassVar[str] = "custom"
 
     def __init__(
         self,
@@ -305,22 +306,19 @@ class ReportDataModule(LightningDataModule):
         if batch_size is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         dataset = self.dataset(split)
-        sampler, generator = None, None
+        sampler = None
         if train and hp.shuffle:
+            # Our own sampler, also on one process: the order is a function of (seed, epoch) (Lightning
+            # calls set_epoch), so a run resumed from a checkpoint sees the batches of an uninterrupted one.
             world, rank = self._world()
-            if world > 1:  # our own sampler, so that `seed` decides the order on every rank
-                sampler = DistributedSampler(
-                    dataset, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed, drop_last=hp.drop_last
-                )
-            else:
-                generator = torch.Generator().manual_seed(hp.seed)
+            sampler = DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed, drop_last=hp.drop_last
+            )
         collate = collate_studies if hp.mode == "reports" else collate_images
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train and hp.shuffle and sampler is None,
             sampler=sampler,
-            generator=generator,
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory,
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
@@ -397,6 +395,8 @@ class IUXrayDataModule(ReportDataModule):
     :param kwargs: any other :class:`ReportDataModule` argument.
     """
 
+    dataset_name = "iu_xray"
+
     def __init__(
         self,
         annotation: str = "data/iu_xray/annotation.json",
@@ -420,6 +420,8 @@ class CheXpertPlusDataModule(ReportDataModule):
     :param kwargs: any other :class:`ReportDataModule` argument.
     """
 
+    dataset_name = "chexpert_plus"
+
     def __init__(
         self,
         annotation: str = "data/chexpert_plus/annotation.json",
@@ -438,6 +440,8 @@ class MIMICCXRDataModule(ReportDataModule):
     :param cleaning: report cleaning rule.
     :param kwargs: any other :class:`ReportDataModule` argument.
     """
+
+    dataset_name = "mimic_cxr"
 
     def __init__(
         self,
@@ -461,6 +465,8 @@ class DemoDataModule(ReportDataModule):
     :param world_seed: seed of the generated world.
     :param kwargs: any other :class:`ReportDataModule` argument.
     """
+
+    dataset_name = "demo"
 
     def __init__(
         self,

@@ -1,0 +1,75 @@
+"""``predict`` → one ``predictions.jsonl`` merged across ranks and de-duplicated by study id."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+log = logging.getLogger(__name__)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``{id, generated, reference, dataset, checkpoint, decoding}`` per study, one JSON per line.
+
+    Ids travel inside the batches (``predict_step`` returns them), so DistributedSampler's padding
+    duplicates are removed by id, keeping the first. ``output`` defaults to
+    ``<run dir>/predictions.jsonl``.
+    """
+
+    def __init__(self, output: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.output = output
+        self.written: Path | None = None
+
+    def write_on_epoch_end(
+        self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
+        rows = [row for batch in _flatten(predictions) for row in batch]
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if trainer.is_global_zero:
+            self.written = self._write(trainer, pl_module, rows)
+
+    def _write(self, trainer: Trainer, pl_module: LightningModule, rows: list[dict]) -> Path:
+        unique: dict[str, dict] = {}
+        for row in rows:
+            unique.setdefault(row["id"], row)
+        datamodule = trainer.datamodule
+        common = {
+            "dataset": getattr(datamodule, "dataset_name", type(datamodule).__name__),
+            "checkpoint": str(trainer.ckpt_path or ""),
+            "decoding": pl_module.decoding() if hasattr(pl_module, "decoding") else {},
+        }
+        path = Path(self.output) if self.output else Path(trainer.log_dir or trainer.default_root_dir)
+        path = path / "predictions.jsonl" if path.suffix != ".jsonl" else path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            for row in unique.values():
+                f.write(json.dumps({**row, **common}) + "\n")
+        log.info(
+            "wrote %d predictions to %s (%d duplicate(s) from sampler padding removed)",
+            len(unique),
+            path,
+            len(rows) - len(unique),
+        )
+        return path
+
+
+def _flatten(predictions: Any) -> list:
+    """Lightning gives a list per dataloader when there are several; we use one."""
+    if (
+        predictions
+        and isinstance(predictions[0], list)
+        and predictions[0]
+        and isinstance(predictions[0][0], list)
+    ):
+        return [batch for loader in predictions for batch in loader]
+    return list(predictions)

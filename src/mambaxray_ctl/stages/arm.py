@@ -1,0 +1,163 @@
+"""Stage 1: ARM autoregressive pretraining — predict the next cluster of patches (METHOD-ANCHORS §2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from mambaxray_ctl.backbone import VisionMamba, VisionMambaConfig
+from mambaxray_ctl.stages.arm_decoder import ARMDecoder, cluster_order, normalize_patches, patchify
+from mambaxray_ctl.stages.base import BackboneStage
+
+
+def default_feature_layers(depth: int, num_levels: int) -> list[int]:
+    """``num_levels`` 0-based layers ending at the last one, ``max(1, depth // (2·(num_levels − 1)))``
+    apart: the anchors' (1-based) {12, 16, 20, 24} of 24 layers and {6, 8, 10, 12} of 12."""
+    if not 1 <= num_levels <= depth:
+        raise ValueError(f"cannot pick {num_levels} feature layers from {depth} layers; set feature_layers")
+    step = max(1, depth // (2 * (num_levels - 1))) if num_levels > 1 else 0
+    return [depth - 1 - step * (num_levels - 1 - k) for k in range(num_levels)]
+
+
+def resolve_feature_layers(layers: Sequence[int] | None, depth: int, num_levels: int) -> list[int]:
+    """``layers`` (0-based, negatives allowed) as non-negative indices, checked; the default if ``None``."""
+    if layers is None:
+        return default_feature_layers(depth, num_levels)
+    if len(layers) != num_levels:
+        raise ValueError(
+            f"decoder_depth={num_levels} must equal len(feature_layers)={len(layers)}: "
+            "decoder block k reads feature level k"
+        )
+    if any(not -depth <= i < depth for i in layers):
+        raise ValueError(f"feature_layers {list(layers)} out of range for a backbone of depth {depth}")
+    resolved = [i % depth for i in layers]
+    if max(resolved) != depth - 1:
+        raise ValueError(
+            f"feature_layers {list(layers)} must include the last layer ({depth - 1}); "
+            "layers after the deepest feature layer would be untrained (use a smaller depth instead)"
+        )
+    return resolved
+
+
+def require_sequence_backbone(config: VisionMambaConfig, stage: str) -> None:
+    """Objectives that reorder or drop tokens need one causal scan and no class token (``*_pretrain``)."""
+    if config.scan_directions != 1 or config.class_token:
+        raise ValueError(
+            f"{stage} needs a backbone with scan_directions=1 and class_token=False (a *_pretrain preset), "
+            f"got scan_directions={config.scan_directions}, class_token={config.class_token}"
+        )
+
+
+def check_image_size(images: Tensor, config: VisionMambaConfig, stage: str) -> None:
+    """The token order and the decoder's positions are built for ``config.img_size`` only."""
+    if tuple(images.shape[-2:]) != config.img_hw:
+        raise ValueError(
+            f"{stage} takes {config.img_hw[0]}x{config.img_hw[1]} images (the backbone's img_size), "
+            f"got {tuple(images.shape[-2:])}: set the data's image_size to match"
+        )
+
+
+class ARMModule(BackboneStage):
+    """ARM pretraining: the causal Mamba encoder reads clusters ``1..K−1`` of patches, the
+    cross-attention decoder (:class:`ARMDecoder`) predicts the pixels of clusters ``2..K``.
+
+    A cluster is ``cluster_size × cluster_size`` patches (anchors: 4 → 3×3 clusters of a 12×12 grid
+    at 192 px); the encoder gets the embedded tokens reordered into cluster order, last cluster
+    dropped. The outputs of ``feature_layers`` (0-based; default: the anchors' evenly spaced layers
+    of the second half, ending at the last) feed the ``decoder_depth`` decoder blocks, one level
+    each. Loss: MSE against the target patches, each normalised by its mean and
+    ``sqrt(var + 1e-6)`` with ``norm_pix_loss``.
+
+    ``lr`` is the absolute learning rate. The anchors set ``lr = blr · global_batch / 256`` with
+    ``blr = 1.5e-4``: the default is that rate at a global batch of 256 (the CTL script's batch
+    of 12 gives 7.03e-6). Anchors' other settings: AdamW betas (0.9, 0.95), weight decay 0.05,
+    5 % linear warm-up then cosine to 0 per step, gradient clipping at 3.0 and bf16 autocast (set
+    ``gradient_clip_val`` and ``precision`` on the Trainer). Unlike the anchors, norms, ``A_log``,
+    ``D`` and ``ar_token`` get no weight decay (biases and positions get none in both).
+
+    The backbone's ``norm_f`` is frozen (the decoder reads un-normed layer outputs, so it never gets a
+    gradient); it is exported at its initial value, as ARM's checkpoints carry no ``norm_f``.
+    """
+
+    stage_name = "stage1-arm"
+
+    def __init__(
+        self,
+        backbone: str = "arm_large_pz16_pretrain",
+        backbone_overrides: dict[str, Any] | None = None,
+        cluster_size: int = 4,
+        feature_layers: list[int] | None = None,
+        decoder_dim: int = 512,
+        decoder_depth: int = 4,
+        decoder_heads: int = 8,
+        decoder_mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = True,
+        init_from: str | None = None,
+        init_format: str = "auto",
+        init_prefix: str | None = None,
+        export: bool = True,
+        lr: float = 1.5e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: float = 0.05,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone: VisionMamba = self.build_backbone()
+        config = self.backbone.config
+        require_sequence_backbone(config, self.stage_name)
+        rows, cols = config.grid_size
+        self.cluster_len = cluster_size * cluster_size
+        if cluster_size < 1 or rows % cluster_size or cols % cluster_size or rows * cols <= self.cluster_len:
+            raise ValueError(
+                f"img_size {config.img_hw} with patch_size {config.patch_hw} gives a {rows}x{cols} "
+                f"patch grid, which does not split into two or more {cluster_size}x{cluster_size}-patch "
+                "clusters: img_size must be a multiple of patch_size x cluster_size and hold two clusters"
+            )
+        self.feature_layers = resolve_feature_layers(feature_layers, config.depth, decoder_depth)
+        self.backbone.norm_f.requires_grad_(False)
+        ph, pw = config.patch_hw
+        self.decoder = ARMDecoder(
+            embed_dim=config.embed_dim,
+            grid_size=config.grid_size,
+            cluster_size=cluster_size,
+            out_dim=ph * pw * config.in_chans,
+            num_levels=decoder_depth,
+            dim=decoder_dim,
+            num_heads=decoder_heads,
+            mlp_ratio=decoder_mlp_ratio,
+        )
+        self.register_buffer("order", cluster_order(config.grid_size, cluster_size), persistent=False)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"decoder.ar_token"}
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Images (B, C, H, W) → predictions (B, (K−1)·P, patch_dim) of clusters ``2..K`` (cluster order)."""
+        check_image_size(images, self.backbone.config, self.stage_name)
+        tokens = self.backbone.embed(images)[:, self.order]
+        _, features = self.backbone.forward_tokens(
+            tokens[:, : -self.cluster_len], return_layers=self.feature_layers
+        )
+        return self.decoder(features)
+
+    def targets(self, images: Tensor) -> Tensor:
+        """The patches of clusters ``2..K`` (B, (K−1)·P, patch_dim), normalised with ``norm_pix_loss``."""
+        patches = patchify(images, self.backbone.config.patch_hw)[:, self.decoder.target_index]
+        return normalize_patches(patches) if self.hparams.norm_pix_loss else patches
+
+    def loss(self, images: Tensor) -> Tensor:
+        return F.mse_loss(self(images), self.targets(images))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.loss(batch["images"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["images"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self.loss(batch["images"])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["images"]))

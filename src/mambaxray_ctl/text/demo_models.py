@@ -1,0 +1,333 @@
+"""Small local stand-ins for the paper's text models, built from the demo reports without any download.
+
+* ``<out>/lm`` — a Qwen2-architecture causal LM (the architecture of Qwen1.5, the IU X-ray decoder),
+  pre-trained here on the reports so that, frozen, it can write report-style text in stage 3.
+* ``<out>/text_encoder`` — a randomly initialised BERT (stand-in for Bio_ClinicalBERT), trained in stage 2.
+
+Both tokenizers are byte-level BPE with Qwen2's pre-tokenisation (words split at whitespace and
+punctuation with the leading space kept, digits one by one, NFC), so any text round-trips exactly and
+no character is ever unknown. transformers 5 loads the tokenizer of any ``qwen2`` model folder as
+``Qwen2Tokenizer``, which rebuilds it from the vocabulary and merges with exactly these rules and adds
+an unknown token ``<|endoftext|>``; that token is therefore part of the trained vocabulary, and the LM is
+trained on the ids of the tokenizer as loaded back. A tiny corpus yields fewer tokens than asked, so
+model vocabularies are sized from ``len(tokenizer)``.
+
+``mambaxray-ctl build-demo-text-models --annotation data/demo/annotation.json --out data/demo/text``
+builds both from the cleaned train reports of an R2Gen annotation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from torch import Tensor
+from tqdm import tqdm
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
+
+from mambaxray_ctl.data.cleaning import clean_report
+
+log = logging.getLogger(__name__)
+
+TokenizerKind = Literal["lm", "encoder"]
+SPECIAL_TOKENS: dict[str, dict[str, str]] = {
+    "lm": {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<|endoftext|>"},
+    "encoder": {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]"},
+}
+MAX_POSITIONS = 512  # room for the stage-3 prefix (prompt + 197 visual tokens) plus the report
+TRAINING_LOG = "training.json"
+
+
+def train_tokenizer(
+    texts: list[str], vocab_size: int = 1000, *, kind: TokenizerKind = "lm"
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts``.
+
+    ``kind="lm"``: ``<s>``/``</s>``/``<pad>`` as BOS/EOS/pad, ``<|endoftext|>`` as the (never produced)
+    unknown token, nothing added by itself. ``kind="encoder"``: ``[CLS]``/``[SEP]``/``[PAD]``, every text
+    wrapped as ``[CLS] ... [SEP]``.
+    """
+    specials = SPECIAL_TOKENS[kind]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    if kind == "encoder":
+        cls, sep = specials["cls_token"], specials["sep_token"]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}",
+            pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            special_tokens=[(cls, tokenizer.token_to_id(cls)), (sep, tokenizer.token_to_id(sep))],
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_input_names=["input_ids", "attention_mask"], **specials
+    )
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[Tensor]:
+    """[BOS] text EOS as id tensors (BOS only if the tokenizer has one)."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [torch.tensor([*bos, *ids, tokenizer.eos_token_id]) for ids in encoded]
+
+
+def _collate(sequences: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded input ids, attention mask and labels (-100 on padding)."""
+    ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad_id)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        mask[row, : len(sequence)] = 1
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def _fit(
+    model: Qwen2ForCausalLM,
+    sequences: list[Tensor],
+    *,
+    max_length: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool,
+) -> list[float]:
+    """AdamW with linear warm-up and cosine decay; returns the step losses.
+
+    The texts are shuffled, concatenated and cut into ``batch_size`` blocks of ``max_length`` tokens
+    (packing: no padding, and the LM learns to start a report after unrelated context, as it must
+    after the stage-3 prompt and visual tokens).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    need = batch_size * max_length
+    stream = torch.empty(0, dtype=torch.long)
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(steps), desc="report LM", unit="step", disable=not progress)
+    for _ in bar:
+        while len(stream) < need:
+            order = torch.randperm(len(sequences), generator=generator).tolist()
+            stream = torch.cat([stream, *(sequences[i] for i in order)])
+        batch, stream = stream[:need].view(batch_size, max_length), stream[need:]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def _corpus_loss(model: Qwen2ForCausalLM, sequences: list[Tensor], pad_id: int, batch_size: int) -> float:
+    """Mean next-token cross-entropy over every predicted token of the corpus."""
+    total, count = 0.0, 0
+    for start in range(0, len(sequences), batch_size):
+        ids, mask, labels = _collate(sequences[start : start + batch_size], pad_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        targets = labels[:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
+        count += int((targets != -100).sum())
+    return total / count
+
+
+def train_causal_lm(
+    texts: list[str],
+    out_dir: str | Path,
+    *,
+    vocab_size: int = 1000,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 256,
+    max_length: int = 128,
+    steps: int = 300,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Train a small Qwen2 causal LM on ``texts`` (each as [BOS] text EOS, packed into sequences of
+    ``max_length`` tokens) and save model, tokenizer and ``training.json`` to ``out_dir``.
+
+    ``training.json`` holds the first/last step losses, the mean per-token loss and perplexity of the
+    trained model on the texts one by one, and the seconds taken.
+    """
+    if not texts or steps < 1:
+        raise ValueError(f"train_causal_lm needs texts and steps >= 1, got {len(texts)} texts, {steps} steps")
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    out = Path(out_dir)
+    trained = train_tokenizer(texts, vocab_size, kind="lm")
+    config = Qwen2Config(
+        vocab_size=len(trained),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=True,
+        bos_token_id=trained.bos_token_id,
+        eos_token_id=trained.eos_token_id,
+        pad_token_id=trained.pad_token_id,
+    )
+    config.save_pretrained(out)
+    trained.save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)  # the class and rules every later user gets
+    if len(tokenizer) != config.vocab_size:
+        raise RuntimeError(
+            f"{out}: the reloaded tokenizer has {len(tokenizer)} tokens, the LM {config.vocab_size}"
+        )
+    model = Qwen2ForCausalLM(config)
+    sequences = _encode(tokenizer, texts)
+    losses = _fit(
+        model,
+        sequences,
+        max_length=max_length,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        progress=progress,
+    )
+    corpus_loss = _corpus_loss(model, sequences, tokenizer.pad_token_id, batch_size=64)
+    stats = {
+        "texts": len(sequences),
+        "tokens_per_text": sum(map(len, sequences)) / len(sequences),
+        "vocab_size": len(tokenizer),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": steps,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "first_step_loss": losses[0],
+        "last_step_loss": losses[-1],
+        "corpus_loss": corpus_loss,
+        "corpus_perplexity": math.exp(corpus_loss),
+        "seconds": time.perf_counter() - start,
+    }
+    model.save_pretrained(out)
+    (out / TRAINING_LOG).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    log.info("report LM: %s", json.dumps(stats))
+    return out
+
+
+def build_text_encoder(
+    texts: list[str],
+    out_dir: str | Path,
+    *,
+    vocab_size: int = 1000,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    max_length: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised small BERT and a tokenizer trained on ``texts`` to ``out_dir``."""
+    if not texts:
+        raise ValueError("build_text_encoder needs at least one text")
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(texts, vocab_size, kind="encoder")
+    tokenizer.model_max_length = max_length
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_length,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    out = Path(out_dir)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--annotation", default="data/demo/annotation.json", help="R2Gen annotation (default: %(default)s)"
+    )
+    parser.add_argument("--out", default="data/demo/text", help="output folder (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=300, help="LM training steps (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+
+
+def _train_reports(path: Path) -> list[str]:
+    with path.open(encoding="utf-8") as f:
+        annotation = json.load(f)
+    entries = annotation.get("train") if isinstance(annotation, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError("no 'train' list")
+    reports = [clean_report(entry["report"], "mimic_cxr") for entry in entries if entry["report"]]
+    if not reports:
+        raise ValueError("no train reports")
+    return reports
+
+
+def run(args: argparse.Namespace) -> int:
+    name = "mambaxray-ctl build-demo-text-models"
+    if args.steps < 1:
+        print(f"{name}: error: need --steps >= 1", file=sys.stderr)
+        return 1
+    try:
+        reports = _train_reports(Path(args.annotation))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"{name}: error: cannot read train reports from {args.annotation}: {exc}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    start = time.perf_counter()
+    lm = train_causal_lm(reports, out / "lm", steps=args.steps, seed=args.seed)
+    stats = json.loads((lm / TRAINING_LOG).read_text(encoding="utf-8"))
+    print(
+        f"wrote {lm} in {time.perf_counter() - start:.1f}s: {stats['parameters']:,} parameters, "
+        f"vocabulary {stats['vocab_size']}, {stats['steps']} steps on {stats['texts']} reports, "
+        f"loss {stats['corpus_loss']:.3f} per token (perplexity {stats['corpus_perplexity']:.2f})"
+    )
+    start = time.perf_counter()
+    encoder = build_text_encoder(reports, out / "text_encoder", seed=args.seed)
+    print(f"wrote {encoder} in {time.perf_counter() - start:.1f}s")
+    return 0

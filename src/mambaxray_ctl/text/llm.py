@@ -1,0 +1,297 @@
+"""The stage-3 report decoder: a frozen causal LM fed with [BOS; prompt; visual tokens; prompt] embeddings.
+
+Sequence layout (METHOD-ANCHORS §4.3, no chat template)::
+
+    [BOS]  "Human: <Img>"  visual (N tokens)  "</Img> {prompt} \\nAssistant:"  report tokens  EOS  padding
+
+BOS comes from the tokenizer and is left out when it has none (the anchors force id 0, "!", for Qwen);
+EOS is the tokenizer's EOS id rather than the literal text ``"</s>"``, padding is the tokenizer's pad id
+(else EOS) and is masked by position, so a genuine pad-id token in a report is never dropped. The
+prefix has the same length for every sample, so only the target part is padded (on the right).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from mambaxray_ctl.text.loading import load_pretrained
+
+DEFAULT_PROMPT = "Generate a comprehensive and detailed diagnosis report for this chest xray image."
+DEFAULT_TEMPLATE = "Human: <Img><ImageHere></Img> {prompt} \nAssistant:"
+IMAGE_PLACEHOLDER = "<ImageHere>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
+IGNORE_INDEX = -100
+
+
+def _split_template(template: str, prompt: str) -> tuple[str, str]:
+    """The text before and after the single ``<ImageHere>``, with ``{prompt}`` filled in."""
+    count = template.count(IMAGE_PLACEHOLDER)
+    if count != 1:
+        raise ValueError(
+            f"the template must contain {IMAGE_PLACEHOLDER} exactly once, found {count}: {template!r}"
+        )
+    before, after = template.replace("{prompt}", prompt).split(IMAGE_PLACEHOLDER)
+    return before, after
+
+
+def _wrap_lora(model: nn.Module, lora: dict[str, Any]) -> nn.Module:
+    """``peft`` LoRA adapters around ``model``; the adapters stay trainable, the LM stays frozen."""
+    unknown = set(lora) - LORA_KEYS
+    if unknown:
+        raise ValueError(f"unknown LoRA settings {sorted(unknown)}; allowed: {sorted(LORA_KEYS)}")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ImportError("LoRA on the report LM needs the peft package: pip install peft") from exc
+    config = LoraConfig(
+        r=lora.get("r", 16),
+        lora_alpha=lora.get("alpha", 16),
+        lora_dropout=lora.get("dropout", 0.1),
+        target_modules=list(lora.get("target_modules", ["q_proj", "v_proj"])),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+class ReportLM(nn.Module):
+    """A frozen ``AutoModelForCausalLM`` (optionally with trainable LoRA adapters) that writes reports.
+
+    The LM always stays in eval mode (dropout off), whatever mode the wrapper is put in; only LoRA
+    dropout follows the wrapper's mode.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        dtype: str = "float32",
+        prompt: str = DEFAULT_PROMPT,
+        template: str = DEFAULT_TEMPLATE,
+        max_target_tokens: int = 60,
+        lora: dict[str, Any] | None = None,
+        local_files_only: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        if max_target_tokens < 1:
+            raise ValueError(f"max_target_tokens must be >= 1, got {max_target_tokens}")
+        before, after = _split_template(template, prompt)
+        self.max_target_tokens = max_target_tokens
+        self.tokenizer = load_pretrained(
+            AutoTokenizer.from_pretrained, name_or_path, what="report LM", local_files_only=local_files_only
+        )
+        model = load_pretrained(
+            AutoModelForCausalLM.from_pretrained,
+            name_or_path,
+            what="report LM",
+            local_files_only=local_files_only,
+            dtype=DTYPES[dtype],
+        )
+        self.bos_id: int | None = self.tokenizer.bos_token_id
+        self.eos_id: int = self.tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError(f"the tokenizer in {name_or_path} has no EOS token")
+        pad_id = self.tokenizer.pad_token_id
+        self.pad_id: int = self.eos_id if pad_id is None else pad_id
+        # Replace the shipped generation config so its sampling defaults (top_p, top_k, ...) never apply.
+        model.generation_config = GenerationConfig(
+            bos_token_id=self.bos_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id
+        )
+        model.requires_grad_(False)
+        self.model = model if lora is None else _wrap_lora(model, lora)
+        self.model.eval()
+        self.register_buffer("before_ids", self._token_ids(before), persistent=False)
+        self.register_buffer("after_ids", self._token_ids(after), persistent=False)
+        bos = [] if self.bos_id is None else [self.bos_id]
+        self.register_buffer("bos_ids", torch.tensor(bos, dtype=torch.long), persistent=False)
+
+    def _token_ids(self, text: str) -> Tensor:
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    def train(self, mode: bool = True) -> ReportLM:
+        super().train(mode)
+        self.model.eval()
+        for name, module in self.model.named_modules():
+            if name.rsplit(".", 1)[-1] == "lora_dropout":
+                module.train(mode)
+        return self
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input_embeddings.weight.dtype
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        """The LM's (frozen) input embedding table."""
+        return self.model.get_input_embeddings()
+
+    @property
+    def prefix_length(self) -> int:
+        """Sequence length in front of the report, without the visual tokens."""
+        return len(self.bos_ids) + len(self.before_ids) + len(self.after_ids)
+
+    def _prefix(self, visual: Tensor) -> Tensor:
+        """[BOS; before; visual; after] embeddings, (B, prefix_length + N, H), in the LM's dtype."""
+        if visual.dim() != 3 or visual.shape[-1] != self.hidden_size:
+            raise ValueError(f"visual must be (B, N, {self.hidden_size}), got {tuple(visual.shape)}")
+        batch = visual.shape[0]
+        embed = self.input_embeddings
+        before = embed(torch.cat([self.bos_ids, self.before_ids])).expand(batch, -1, -1)
+        after = embed(self.after_ids).expand(batch, -1, -1)
+        return torch.cat([before, visual.to(self.dtype), after], dim=1)
+
+    def _targets(self, reports: list[str]) -> tuple[Tensor, Tensor]:
+        """Report ids + EOS, truncated to ``max_target_tokens`` (a long report loses its EOS, as in the
+        anchors) and right-padded to it with the pad id; and the mask of the real tokens."""
+        encoded = self.tokenizer(list(reports), add_special_tokens=False)["input_ids"]
+        ids = torch.full((len(encoded), self.max_target_tokens), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        for row, tokens in enumerate(encoded):
+            tokens = [*tokens, self.eos_id][: self.max_target_tokens]
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, : len(tokens)] = True
+        device = self.before_ids.device
+        return ids.to(device), mask.to(device)
+
+    def build_inputs(self, visual: Tensor, reports: list[str]) -> dict[str, Tensor]:
+        """Teacher-forcing inputs for a batch of (B, N, H) visual tokens and B reports.
+
+        ``inputs_embeds``/``attention_mask``/``labels`` span the prefix plus the longest target of the
+        batch (later positions are padding everywhere and cannot change a causal LM's loss);
+        ``target_ids``/``target_mask`` are (B, max_target_tokens). Labels are -100 on BOS, prompt,
+        visual and padding positions.
+        """
+        if len(reports) != visual.shape[0]:
+            raise ValueError(f"got {visual.shape[0]} visual sequences but {len(reports)} reports")
+        prefix = self._prefix(visual)
+        target_ids, target_mask = self._targets(reports)
+        length = int(target_mask.sum(1).max())
+        ids, mask = target_ids[:, :length], target_mask[:, :length]
+        batch, prefix_len = prefix.shape[:2]
+        prefix_mask = torch.ones(batch, prefix_len, dtype=torch.long, device=prefix.device)
+        prefix_labels = torch.full((batch, prefix_len), IGNORE_INDEX, dtype=torch.long, device=prefix.device)
+        return {
+            "inputs_embeds": torch.cat([prefix, self.input_embeddings(ids)], dim=1),
+            "attention_mask": torch.cat([prefix_mask, mask.long()], dim=1),
+            "labels": torch.cat([prefix_labels, ids.masked_fill(~mask, IGNORE_INDEX)], dim=1),
+            "target_ids": target_ids,
+            "target_mask": target_mask,
+        }
+
+    def forward(self, visual: Tensor, reports: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean next-token cross-entropy over the report tokens, and the :meth:`build_inputs` dict."""
+        batch = self.build_inputs(visual, reports)
+        output = self.model(
+            inputs_embeds=batch["inputs_embeds"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        )
+        return output.loss, batch
+
+    def target_embedding(
+        self, target_ids: Tensor, target_mask: Tensor, include_padding: bool = False
+    ) -> Tensor:
+        """Mean frozen input embedding of the target tokens, (B, H) in float32 (METHOD-ANCHORS §4.4).
+
+        Padding is left out unless ``include_padding`` (the anchors average over all positions).
+        """
+        embeddings = self.input_embeddings(target_ids).float()
+        if include_padding:
+            return embeddings.mean(1)
+        mask = target_mask.unsqueeze(-1).float()
+        return (embeddings * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        visual: Tensor,
+        *,
+        num_beams: int = 5,
+        min_new_tokens: int = 40,
+        max_new_tokens: int = 100,
+        repetition_penalty: float = 2.0,
+        length_penalty: float = 2.0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float | None = None,
+        no_repeat_ngram_size: int = 0,
+    ) -> Tensor:
+        """New token ids, (B, <= max_new_tokens); finished rows continue with padding after EOS.
+
+        Only the given options apply; the rest are transformers' global defaults (e.g. ``top_k=50``
+        when sampling), never the model's shipped generation config.
+        """
+        settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        if num_beams > 1:
+            settings["length_penalty"] = length_penalty
+        config = GenerationConfig(
+            num_beams=num_beams,
+            do_sample=do_sample,
+            min_new_tokens=min_new_tokens,
+            max_new_tokens=max_new_tokens,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            use_cache=True,
+            bos_token_id=self.bos_id,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            **{key: value for key, value in settings.items() if value is not None},
+        )
+        prefix = self._prefix(visual)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        # With inputs_embeds alone, transformers 5 returns only the new tokens, and the repetition penalty
+        # sees only them (as in the anchors); it warns about the latter on every call.
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*repetition_penalty.*inputs_embeds", category=UserWarning
+            )
+            return self.model.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=config)
+
+    def decode(self, ids: Tensor) -> list[str]:
+        """Text up to the first EOS of each row, special tokens skipped, stripped."""
+        texts = []
+        for row in ids.tolist():
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+    def generate(
+        self,
+        visual: Tensor,
+        *,
+        num_beams: int = 5,
+        min_new_tokens: int = 40,
+        max_new_tokens: int = 100,
+        repetition_penalty: float = 2.0,
+        length_penalty: float = 2.0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float | None = None,
+        no_repeat_ngram_size: int = 0,
+    ) -> list[str]:
+        """Reports for (B, N, H) visual tokens: :meth:`generate_ids` then :meth:`decode` (beam search,
+        deterministic unless ``do_sample``)."""
+        ids = self.generate_ids(
+            visual,
+            num_beams=num_beams,
+            min_new_tokens=min_new_tokens,
+            max_new_tokens=max_new_tokens,
+            repetition_penalty=repetition_penalty,
+            length_penalty=length_penalty,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
+        return self.decode(ids)

@@ -1,0 +1,176 @@
+"""The three stages through the real config files and the LightningCLI, shrunk to tiny models.
+
+A session fixture builds a tiny synthetic world and tiny text models (the demo's stand-ins for
+Bio_ClinicalBERT and Qwen), loaded back with ``from_pretrained`` from their folders.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mambaxray_ctl.backbone import CheckpointError
+from mambaxray_ctl.data.cleaning import clean_report
+from mambaxray_ctl.data.demo_world import generate_world
+from mambaxray_ctl.lightning_cli import MambaXrayCLI
+from mambaxray_ctl.text.demo_models import build_text_encoder, train_causal_lm
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STAGE_CONFIGS = {"stage1": "stage1_arm", "stage2": "stage2_contrastive", "stage3": "stage3_reportgen"}
+TINY = {
+    "stage1": [
+        "--model.init_args.backbone=test_arm_tiny_pretrain",
+        "--model.init_args.cluster_size=2",
+        "--model.init_args.decoder_dim=16",
+        "--model.init_args.decoder_heads=2",
+        "--data.init_args.image_size=96",
+        "--data.init_args.batch_size=8",
+    ],
+    "stage2": [
+        "--model.init_args.backbone=test_arm_tiny",
+        "--model.init_args.backbone_overrides={depth: 4}",
+        "--model.init_args.projection_dim=16",
+        "--data.init_args.image_size=64",
+        "--data.init_args.batch_size=8",
+    ],
+    "stage3": [
+        "--model.init_args.backbone=test_arm_tiny",
+        "--model.init_args.backbone_overrides={depth: 4}",
+        "--model.init_args.llm_dtype=float32",
+        "--model.init_args.max_target_tokens=24",
+        "--model.init_args.num_beams=2",
+        "--model.init_args.min_new_tokens=2",
+        "--model.init_args.max_new_tokens=8",
+        "--model.init_args.labeler=demo",
+        "--data.init_args.image_size=64",
+        "--data.init_args.batch_size=8",
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, n=30, seed=0, size=64, workers=1)
+    annotation = json.loads((root / "annotation.json").read_text())
+    reports = [clean_report(entry["report"], "iu_xray") for entry in annotation["train"]]
+    train_causal_lm(reports, root / "text" / "lm", hidden_size=32, num_layers=1, steps=5, progress=False)
+    build_text_encoder(reports, root / "text" / "text_encoder", hidden_size=32, num_layers=1)
+    return root
+
+
+def cli_args(world: Path, out: Path, stage: str, command: str = "fit", *extra: str) -> list[str]:
+    files = [CONFIGS / "data" / "demo.yaml", CONFIGS / f"{STAGE_CONFIGS[stage]}.yaml"]
+    files.append(CONFIGS / "trainer" / "cpu.yaml")
+    args = [command, *(arg for path in files for arg in ("-c", str(path)))]
+    args += [
+        f"--data.init_args.annotation={world / 'annotation.json'}",
+        f"--data.init_args.image_root={world / 'images'}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *TINY[stage],
+    ]
+    if stage == "stage2":
+        args.append(f"--model.init_args.text_encoder={world / 'text' / 'text_encoder'}")
+    if stage == "stage3":
+        args.append(f"--model.init_args.llm={world / 'text' / 'lm'}")
+    return [*args, *extra]
+
+
+def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> MambaXrayCLI:
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    return MambaXrayCLI(args=args)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
+def test_fast_dev_run_of_each_stage_from_the_config_files(
+    stage: str, world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli = run_cli(cli_args(world, tmp_path, stage, "fit", "--trainer.fast_dev_run=1"), monkeypatch)
+    assert cli.trainer.state.finished
+    losses = {k: v for k, v in cli.trainer.callback_metrics.items() if k.startswith("train/loss")}
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+
+
+def _fit(world: Path, out: Path, stage: str, monkeypatch: pytest.MonkeyPatch, *extra: str) -> MambaXrayCLI:
+    return run_cli(cli_args(world, out, stage, "fit", "--trainer.max_steps=2", *extra), monkeypatch)
+
+
+@pytest.mark.slow
+def test_chain_stage1_to_stage3_with_hand_off_and_predict(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stage1 = _fit(world, tmp_path, "stage1", monkeypatch)
+    export1 = Path(stage1.trainer.log_dir) / "backbone.safetensors"
+    assert (Path(stage1.trainer.log_dir) / "config.yaml").is_file() and export1.is_file()
+
+    stage2 = _fit(world, tmp_path, "stage2", monkeypatch, f"--model.init_args.init_from={export1}")
+    report = stage2.model.init_report
+    assert report is not None and report.source_format == "arm-pretrain"
+    export2 = Path(stage2.trainer.log_dir) / "backbone.safetensors"
+
+    stage3 = _fit(world, tmp_path, "stage3", monkeypatch, f"--model.init_args.init_from={export2}")
+    # stage 3 started from exactly the stage-2 export: same tensors, same recorded hash
+    recorded = json.loads(export2.with_suffix(".json").read_text())["sha256"]
+    assert stage3.model.init_report.source_format == "backbone"
+    assert stage3.model.init_report.sha256 == recorded
+    assert set(load_file(str(export2))) == set(stage3.model.backbone.state_dict())
+
+    ckpt = stage3.trainer.checkpoint_callback.last_model_path
+    predict = run_cli(cli_args(world, tmp_path, "stage3", "predict", f"--ckpt_path={ckpt}"), monkeypatch)
+    rows = [json.loads(line) for line in (Path(predict.trainer.log_dir) / "predictions.jsonl").open()]
+    test_ids = {entry["id"] for entry in json.loads((world / "annotation.json").read_text())["test"]}
+    assert {row["id"] for row in rows} == test_ids
+    assert all(row["dataset"] == "demo" and row["checkpoint"] == ckpt for row in rows)
+    assert rows[0]["decoding"]["num_beams"] == 2
+
+
+def test_resumed_stage_ends_with_the_weights_of_an_uninterrupted_run(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = ["--trainer.limit_val_batches=0", "--data.init_args.num_workers=0"]
+    full = _run_epochs(world, tmp_path / "full", 2, monkeypatch, *common)
+    first = _run_epochs(world, tmp_path / "split", 1, monkeypatch, *common)
+    ckpt = first.trainer.checkpoint_callback.last_model_path
+    assert ckpt, "the first half wrote no last.ckpt"
+    resumed = _run_epochs(world, tmp_path / "split", 2, monkeypatch, *common, f"--ckpt_path={ckpt}")
+    assert resumed.trainer.global_step == full.trainer.global_step
+    for (name, a), (_, b) in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resume")
+
+
+def _run_epochs(
+    world: Path, out: Path, epochs: int, monkeypatch: pytest.MonkeyPatch, *extra: str
+) -> MambaXrayCLI:
+    args = cli_args(world, out, "stage2", "fit", f"--trainer.max_epochs={epochs}", *extra)
+    return run_cli(args, monkeypatch)
+
+
+def test_hand_off_from_a_mismatched_checkpoint_names_the_key(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrong = tmp_path / "wrong.safetensors"
+    from mambaxray_ctl.backbone import create_backbone, save_backbone
+
+    save_backbone(create_backbone("test_arm_tiny", embed_dim=48, depth=4), None, wrong)
+    with pytest.raises(CheckpointError, match=r"shape mismatch for \S+"):
+        _fit(world, tmp_path, "stage2", monkeypatch, f"--model.init_args.init_from={wrong}")
+
+
+def test_print_config_of_each_stage(
+    world: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for stage in STAGE_CONFIGS:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(cli_args(world, tmp_path, stage, "fit", "--print_config"), monkeypatch)
+        assert exit_info.value.code in (0, None)
+        printed = capsys.readouterr().out
+        assert "seed_everything: 42" in printed and "mambaxray_ctl.stages." in printed

@@ -1,0 +1,101 @@
+"""The demo's local text models: tokenizers, the small Qwen2 LM, the small BERT and the tool command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from mambaxray_ctl.text import demo_models
+from mambaxray_ctl.text.demo_models import build_text_encoder, train_causal_lm, train_tokenizer
+
+REPORTS = [
+    "the lungs are clear . no pneumothorax .",
+    "the cardiac silhouette is enlarged . small left pleural effusion .",
+    "there is focal consolidation in the right lower lobe . picc tip 2 cm above the cavoatrial junction .",
+    "no acute bony abnormality . t-spine : stable .",
+]
+TINY_LM = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_length": 32}
+
+
+def test_lm_tokenizer_round_trips_and_has_its_special_tokens() -> None:
+    tokenizer = train_tokenizer(REPORTS, vocab_size=1000)
+    assert len(tokenizer) < 1000  # a tiny corpus stops short of the requested size
+    for text in [*REPORTS, "Human: <Img></Img> Generate a report. \nAssistant: Ünïcode 2024"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    assert (
+        tokenizer("the lungs")["input_ids"] == tokenizer("the lungs", add_special_tokens=False)["input_ids"]
+    )
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
+    assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
+
+
+def test_encoder_tokenizer_wraps_with_cls_and_sep() -> None:
+    tokenizer = train_tokenizer(REPORTS, vocab_size=500, kind="encoder")
+    ids = tokenizer("the lungs are clear .")["input_ids"]
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    assert tokenizer.pad_token == "[PAD]"
+
+
+def test_train_causal_lm_learns_and_saves_a_loadable_model(tmp_path: Path) -> None:
+    out = train_causal_lm(
+        REPORTS * 4, tmp_path / "lm", steps=40, batch_size=4, lr=1e-2, progress=False, **TINY_LM
+    )
+    stats = json.loads((out / "training.json").read_text())
+    assert stats["last_step_loss"] < 0.5 * stats["first_step_loss"]
+    assert stats["corpus_perplexity"] == pytest.approx(torch.tensor(stats["corpus_loss"]).exp().item())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.model_type == "qwen2"
+    assert model.config.vocab_size == len(tokenizer) == stats["vocab_size"]
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    for text in REPORTS:  # the tokenizer class transformers picks for qwen2 encodes as trained
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text and max(ids) < len(tokenizer)
+
+
+def test_train_causal_lm_is_deterministic(tmp_path: Path) -> None:
+    options = {"steps": 3, "batch_size": 2, "progress": False, **TINY_LM}
+    first = AutoModelForCausalLM.from_pretrained(train_causal_lm(REPORTS, tmp_path / "a", **options))
+    second = AutoModelForCausalLM.from_pretrained(train_causal_lm(REPORTS, tmp_path / "b", **options))
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_build_text_encoder_saves_a_loadable_bert(tmp_path: Path) -> None:
+    out = build_text_encoder(
+        REPORTS, tmp_path / "enc", hidden_size=16, num_layers=1, num_heads=2, max_length=24
+    )
+    model = AutoModel.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.model_type == "bert" and model.config.vocab_size == len(tokenizer)
+    ids = tokenizer("no pneumothorax .")["input_ids"]
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+
+
+def _args(annotation: Path, out: Path, steps: int = 2) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    demo_models.configure_parser(parser)
+    return parser.parse_args(["--annotation", str(annotation), "--out", str(out), "--steps", str(steps)])
+
+
+def test_tool_builds_both_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train = [{"id": str(i), "report": report.upper(), "image_path": []} for i, report in enumerate(REPORTS)]
+    annotation = tmp_path / "annotation.json"
+    annotation.write_text(json.dumps({"train": train, "val": [], "test": []}))
+    assert demo_models.run(_args(annotation, tmp_path / "text")) == 0
+    assert (tmp_path / "text" / "lm" / "model.safetensors").is_file()
+    assert (tmp_path / "text" / "text_encoder" / "model.safetensors").is_file()
+    out = capsys.readouterr().out
+    assert "text/lm" in out and "text/text_encoder" in out and "perplexity" in out
+
+
+def test_tool_reports_a_missing_annotation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nowhere" / "annotation.json"
+    assert demo_models.run(_args(missing, tmp_path / "text")) == 1
+    assert str(missing) in capsys.readouterr().err

@@ -1,0 +1,224 @@
+"""The frozen report LM: sequence layout, labels, target embedding, freezing and generation."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from mambaxray_ctl.text.demo_models import train_causal_lm
+from mambaxray_ctl.text.llm import DEFAULT_PROMPT, DEFAULT_TEMPLATE, ReportLM
+
+REPORTS = [
+    "the lungs are clear .",
+    "no pleural effusion . no pneumothorax .",
+    "the cardiac silhouette is enlarged . the lungs are clear .",
+    "there is focal consolidation in the right lower lobe .",
+]
+TARGET_TOKENS = 12
+VISUAL_TOKENS = 3
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # The prompt is in the tokenizer corpus so that it gets merged into few tokens.
+    texts = REPORTS * 4 + [DEFAULT_TEMPLATE.replace("{prompt}", DEFAULT_PROMPT)]
+    out = tmp_path_factory.mktemp("text") / "lm"
+    sizes = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_length": 32}
+    return train_causal_lm(
+        texts, out, vocab_size=400, steps=60, batch_size=4, lr=1e-2, progress=False, **sizes
+    )
+
+
+@pytest.fixture(scope="module")
+def lm(lm_dir: Path) -> ReportLM:
+    return ReportLM(str(lm_dir), max_target_tokens=TARGET_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def bare_lm(lm_dir: Path) -> ReportLM:
+    """No prompt text, so that the visual tokens steer the tiny LM and samples differ."""
+    return ReportLM(str(lm_dir), template="<ImageHere>", prompt="", max_target_tokens=TARGET_TOKENS)
+
+
+def _visual(lm: ReportLM, batch: int, seed: int = 0, scale: float = 0.1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, VISUAL_TOKENS, lm.hidden_size, generator=generator) * scale
+
+
+def test_special_tokens_come_from_the_tokenizer(lm: ReportLM) -> None:
+    tokenizer = lm.tokenizer
+    assert lm.bos_id == tokenizer.convert_tokens_to_ids("<s>")
+    assert lm.eos_id == tokenizer.convert_tokens_to_ids("</s>")
+    assert lm.pad_id == tokenizer.convert_tokens_to_ids("<pad>")
+    assert tokenizer.decode(lm.before_ids) == "Human: <Img>"
+    assert tokenizer.decode(lm.after_ids) == f"</Img> {DEFAULT_PROMPT} \nAssistant:"
+
+
+def test_build_inputs_layout_and_labels(lm: ReportLM) -> None:
+    long_report = " ".join(REPORTS)
+    reports = [REPORTS[0], long_report]
+    visual = _visual(lm, 2)
+    batch = lm.build_inputs(visual, reports)
+    prefix = lm.prefix_length + VISUAL_TOKENS
+    tokens = [lm.tokenizer(r, add_special_tokens=False)["input_ids"] for r in reports]
+    assert len(tokens[0]) + 1 < TARGET_TOKENS < len(tokens[1])
+
+    expected_ids = torch.full((2, TARGET_TOKENS), lm.pad_id)
+    expected_ids[0, : len(tokens[0]) + 1] = torch.tensor([*tokens[0], lm.eos_id])
+    expected_ids[1] = torch.tensor(tokens[1][:TARGET_TOKENS])  # truncated: the EOS is lost
+    torch.testing.assert_close(batch["target_ids"], expected_ids)
+    torch.testing.assert_close(batch["target_mask"], expected_ids != lm.pad_id)
+    assert batch["target_mask"].dtype == torch.bool
+
+    length = TARGET_TOKENS  # the longest target fills max_target_tokens
+    assert batch["inputs_embeds"].shape == (2, prefix + length, lm.hidden_size)
+    labels = batch["labels"]
+    assert (labels[:, :prefix] == -100).all()
+    target_labels = expected_ids.masked_fill(~batch["target_mask"], -100)
+    torch.testing.assert_close(labels[:, prefix:], target_labels)
+    assert (labels[0] == lm.eos_id).sum() == 1
+    torch.testing.assert_close(batch["attention_mask"][:, :prefix], torch.ones(2, prefix, dtype=torch.long))
+    torch.testing.assert_close(batch["attention_mask"][:, prefix:], batch["target_mask"].long())
+
+    embed = lm.input_embeddings.weight
+    embeds = batch["inputs_embeds"]
+    torch.testing.assert_close(embeds[:, 0], embed[lm.bos_id].expand(2, -1))
+    before = 1 + len(lm.before_ids)
+    torch.testing.assert_close(embeds[:, before : before + VISUAL_TOKENS], visual)
+    torch.testing.assert_close(embeds[:, prefix:], embed[expected_ids])
+
+
+def test_targets_are_trimmed_to_the_longest_report(lm: ReportLM) -> None:
+    batch = lm.build_inputs(_visual(lm, 2), REPORTS[:2])
+    longest = int(batch["target_mask"].sum(1).max())
+    assert longest < TARGET_TOKENS
+    assert batch["inputs_embeds"].shape[1] == lm.prefix_length + VISUAL_TOKENS + longest
+    assert batch["target_ids"].shape == (2, TARGET_TOKENS)
+
+
+def test_target_embedding_padding_switch(lm: ReportLM) -> None:
+    batch = lm.build_inputs(_visual(lm, 2), REPORTS[:2])
+    ids, mask = batch["target_ids"], batch["target_mask"]
+    embed = lm.input_embeddings.weight
+    without = lm.target_embedding(ids, mask)
+    with_padding = lm.target_embedding(ids, mask, include_padding=True)
+    for row in range(2):
+        torch.testing.assert_close(without[row], embed[ids[row][mask[row]]].mean(0))
+        torch.testing.assert_close(with_padding[row], embed[ids[row]].mean(0))
+    assert without.dtype == torch.float32 and not torch.allclose(without, with_padding)
+
+
+def test_loss_is_mean_cross_entropy_over_report_tokens(lm: ReportLM) -> None:
+    loss, batch = lm(_visual(lm, 3), REPORTS[:3])
+    logits = lm.model(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+    )
+    torch.testing.assert_close(loss, expected)
+
+
+def test_lm_frozen_in_eval_mode_and_visual_gets_gradients(lm: ReportLM) -> None:
+    lm.train()
+    assert lm.training and not any(module.training for module in lm.model.modules())
+    assert not any(p.requires_grad for p in lm.parameters())
+    visual = _visual(lm, 2).requires_grad_()
+    loss, _ = lm(visual, REPORTS[:2])
+    loss.backward()
+    assert visual.grad is not None and visual.grad.abs().sum() > 0
+    lm.eval()
+
+
+def test_half_precision_lm_takes_float32_visual(lm_dir: Path) -> None:
+    lm = ReportLM(str(lm_dir), dtype="bfloat16", max_target_tokens=TARGET_TOKENS)
+    assert lm.dtype == torch.bfloat16
+    visual = _visual(lm, 2).requires_grad_()
+    loss, batch = lm(visual, REPORTS[:2])
+    assert batch["inputs_embeds"].dtype == torch.bfloat16 and torch.isfinite(loss)
+    loss.backward()
+    assert visual.grad is not None and visual.grad.dtype == torch.float32
+
+
+def test_tokenizer_without_bos_or_pad(lm_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "lm"
+    shutil.copytree(lm_dir, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.bos_token = None
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    lm = ReportLM(str(folder), max_target_tokens=TARGET_TOKENS)
+    assert lm.bos_id is None and lm.pad_id == lm.eos_id
+    assert lm.prefix_length == len(lm.before_ids) + len(lm.after_ids)
+    batch = lm.build_inputs(_visual(lm, 2), REPORTS[:2])
+    embed = lm.input_embeddings.weight
+    torch.testing.assert_close(batch["inputs_embeds"][:, 0], embed[lm.before_ids[0]].expand(2, -1))
+    # padding uses the EOS id but is masked by position, so each real EOS keeps its label
+    assert ((batch["labels"] == lm.eos_id).sum(1) == 1).all()
+
+
+@pytest.mark.parametrize("template", ["Human: {prompt}", "<ImageHere> <ImageHere> {prompt}"])
+def test_template_needs_one_placeholder(lm_dir: Path, template: str) -> None:
+    with pytest.raises(ValueError, match="exactly once"):
+        ReportLM(str(lm_dir), template=template)
+
+
+def test_lora_needs_peft(lm_dir: Path) -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("peft is installed")
+    with pytest.raises(ImportError, match="pip install peft"):
+        ReportLM(str(lm_dir), lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]})
+    with pytest.raises(ValueError, match="rank"):
+        ReportLM(str(lm_dir), lora={"rank": 4})
+
+
+def test_missing_folder_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "models" / "lm"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        ReportLM(str(missing))
+    with pytest.raises(ValueError, match="dtype"):
+        ReportLM(str(missing), dtype="int8")
+
+
+def _first_eos(ids: torch.Tensor, eos: int) -> list[int]:
+    return [row.index(eos) if eos in row else len(row) for row in ids.tolist()]
+
+
+def test_generate_is_deterministic_and_batch_independent(bare_lm: ReportLM) -> None:
+    visual = _visual(bare_lm, 3, seed=1, scale=1.0)
+    options = {"num_beams": 3, "min_new_tokens": 2, "max_new_tokens": 12}
+    texts = bare_lm.generate(visual, **options)
+    assert len(set(texts)) > 1  # the samples differ, so a mix-up between rows would show
+    assert texts == bare_lm.generate(visual, **options)
+    assert texts == [bare_lm.generate(visual[i : i + 1], **options)[0] for i in range(3)]
+    assert all(isinstance(text, str) and text == text.strip() for text in texts)
+
+
+def test_generate_with_the_prompt(lm: ReportLM) -> None:
+    texts = lm.generate(_visual(lm, 2), num_beams=2, min_new_tokens=1, max_new_tokens=12)
+    assert len(texts) == 2 and all(texts)
+
+
+def test_generate_respects_min_and_max_new_tokens(bare_lm: ReportLM) -> None:
+    visual = _visual(bare_lm, 3, seed=1, scale=1.0)
+    free = bare_lm.generate_ids(visual, num_beams=2, min_new_tokens=0, max_new_tokens=30)
+    natural = _first_eos(free, bare_lm.eos_id)
+    assert max(natural) < 28  # the trained LM ends its reports by itself
+    floor = max(natural) + 2
+    forced = bare_lm.generate_ids(visual, num_beams=2, min_new_tokens=floor, max_new_tokens=30)
+    assert forced.shape[1] <= 30 and min(_first_eos(forced, bare_lm.eos_id)) >= floor
+    exact = bare_lm.generate_ids(visual, num_beams=2, min_new_tokens=5, max_new_tokens=5)
+    assert exact.shape == (3, 5) and all(bare_lm.eos_id not in row for row in exact.tolist())
+
+
+def test_decode_cuts_at_the_first_eos(lm: ReportLM) -> None:
+    tokens = lm.tokenizer("the lungs are clear .", add_special_tokens=False)["input_ids"]
+    other = lm.tokenizer(" no pneumothorax .", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[*tokens, lm.eos_id, *other], [*tokens, *other, lm.pad_id]])
+    assert lm.decode(ids) == ["the lungs are clear .", "the lungs are clear . no pneumothorax ."]
