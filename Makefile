@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CLI        := $(VENV)/bin/mambaxray-ctl
 
 # Training: `make stage1 DATA=iu_xray`, then stage2, stage3. DATA is a file in configs/data/;
-# configs/$(DATA)/stageN.yaml, when present, adds that dataset's settings for the stage.
+# configs/$(DATA)/<stage config>.yaml, when present, adds that dataset's settings for the stage.
 DATA       ?= demo
 TRAINER    ?= $(if $(filter demo,$(DATA)),cpu,gpu)
 RUNS       := outputs/$(DATA)
@@ -17,7 +17,7 @@ CKPT       ?= $(call newest,$(RUNS)/stage3/*/checkpoints/last.ckpt)
 # The newest file matching a glob (runs are versioned: outputs/<data>/stageN/version_K/).
 newest      = $(shell ls -t $(1) 2>/dev/null | head -n 1)
 configs     = -c configs/data/$(DATA).yaml -c configs/$(1).yaml \
-              $(addprefix -c ,$(wildcard configs/$(DATA)/$(2).yaml)) -c configs/trainer/$(TRAINER).yaml
+              $(addprefix -c ,$(wildcard configs/$(DATA)/$(1).yaml)) -c configs/trainer/$(TRAINER).yaml
 # INIT=path overrides the hand-off; INIT=none starts the stage from scratch.
 init_arg    = $(if $(filter none,$(1)),--model.init_args.init_from=null,\
               $(if $(1),--model.init_args.init_from=$(1),$(error no $(2) export under $(RUNS); \
@@ -69,18 +69,21 @@ data/demo/text/lm/config.json: data/demo/annotation.json
 	$(CLI) build-demo-text-models --annotation data/demo/annotation.json --out data/demo/text
 
 stage1: setup $(DEMO_DATA)  ## stage 1 (ARM pretraining) on DATA; export -> outputs/DATA/stage1/version_*/
-	$(CLI) fit $(call configs,stage1_arm,stage1) $(ARGS)
+	$(CLI) fit $(call configs,stage1_arm) $(ARGS)
 
 stage2: setup $(DEMO_DATA)  ## stage 2 (contrastive) from the newest stage-1 export (or INIT=path|none)
-	$(CLI) fit $(call configs,stage2_contrastive,stage2) \
+	$(CLI) fit $(call configs,stage2_contrastive) \
 		$(call init_arg,$(or $(INIT),$(call newest,$(RUNS)/stage1/*/backbone.safetensors)),stage1) $(ARGS)
 
 stage3: setup $(DEMO_DATA)  ## stage 3 (report generation) from the newest stage-2 export (or INIT=path|none)
-	$(CLI) fit $(call configs,stage3_reportgen,stage3) \
+	$(CLI) fit $(call configs,stage3_reportgen) \
 		$(call init_arg,$(or $(INIT),$(call newest,$(RUNS)/stage2/*/backbone.safetensors)),stage2) $(ARGS)
 
 predict: setup $(DEMO_DATA)  ## predictions.jsonl for the test split from CKPT (default: newest stage-3 last.ckpt)
-	$(CLI) predict $(call configs,stage3_reportgen,stage3) --ckpt_path $(CKPT) $(ARGS)
+	$(CLI) predict $(call configs,stage3_reportgen) --ckpt_path $(CKPT) $(ARGS)
+
+ablation: setup  ## Table II rows (stage-1 choice, stage 2 on/off, CTL-FT on/off) on the demo world, CPU
+	$(CLI) ablation
 
 evaluate: setup  ## score PRED=path/to/predictions.jsonl with the paper's protocol
 	$(CLI) evaluate $(PRED) --dataset $(DATA)

@@ -1,8 +1,11 @@
-"""Shared test set-up: offline hub, two CPU threads, GPU tests skipped without a GPU."""
+"""Shared test set-up: offline hub, two CPU threads, GPU tests skipped without a GPU, and the tiny
+synthetic world with its tiny text models (session fixture ``world``)."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,3 +25,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic world (30 studies, 64 px) with a tiny causal LM and text encoder in ``text/``."""
+    from mambaxray_ctl.data.cleaning import clean_report
+    from mambaxray_ctl.data.demo_world import generate_world
+    from mambaxray_ctl.text.demo_models import build_text_encoder, train_causal_lm
+
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, n=30, seed=0, size=64, workers=1)
+    annotation = json.loads((root / "annotation.json").read_text())
+    reports = [clean_report(entry["report"], "iu_xray") for entry in annotation["train"]]
+    train_causal_lm(reports, root / "text" / "lm", hidden_size=32, num_layers=1, steps=5, progress=False)
+    build_text_encoder(reports, root / "text" / "text_encoder", hidden_size=32, num_layers=1)
+    return root

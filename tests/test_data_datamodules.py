@@ -65,7 +65,12 @@ def test_seeded_shuffling(tmp_path: Path) -> None:
         dm = _module(annotation, batch_size=16, image_size=8, **kwargs)
         dm.setup("fit")
         loader = dm.train_dataloader()
-        return [next(iter(loader))["ids"] for _ in range(2)]  # two epochs
+        epochs = []
+        for epoch in range(2):
+            if hasattr(loader.sampler, "set_epoch"):  # what Lightning does: order = f(seed, epoch)
+                loader.sampler.set_epoch(epoch)
+            epochs.append(next(iter(loader))["ids"])
+        return epochs
 
     first, again, other = orders(seed=1), orders(seed=1), orders(seed=2)
     assert first == again and first != other

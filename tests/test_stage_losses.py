@@ -112,5 +112,5 @@ def test_warmup_cosine_shape() -> None:
         optimizer.step()
         scheduler.step()
     assert rates[0] == pytest.approx(0.5) and rates[1] == pytest.approx(1.0)
-    assert all(a >= b for a, b in itertools.pairwise(rates))
+    assert all(a >= b for a, b in itertools.pairwise(rates[1:]))
     assert rates[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))

@@ -1,7 +1,8 @@
 """The three stages through the real config files and the LightningCLI, shrunk to tiny models.
 
-A session fixture builds a tiny synthetic world and tiny text models (the demo's stand-ins for
-Bio_ClinicalBERT and Qwen), loaded back with ``from_pretrained`` from their folders.
+The session fixture ``world`` (tests/conftest.py) builds a tiny synthetic world and tiny text models
+(the demo's stand-ins for Bio_ClinicalBERT and Qwen), loaded back with ``from_pretrained`` from their
+folders. Other test files reuse :func:`cli_args` and :func:`run_cli` from here.
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from mambaxray_ctl.backbone import CheckpointError
-from mambaxray_ctl.data.cleaning import clean_report
-from mambaxray_ctl.data.demo_world import generate_world
 from mambaxray_ctl.lightning_cli import MambaXrayCLI
-from mambaxray_ctl.text.demo_models import build_text_encoder, train_causal_lm
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGE_CONFIGS = {"stage1": "stage1_arm", "stage2": "stage2_contrastive", "stage3": "stage3_reportgen"}
@@ -51,17 +49,6 @@ TINY = {
         "--data.init_args.batch_size=8",
     ],
 }
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, n=30, seed=0, size=64, workers=1)
-    annotation = json.loads((root / "annotation.json").read_text())
-    reports = [clean_report(entry["report"], "iu_xray") for entry in annotation["train"]]
-    train_causal_lm(reports, root / "text" / "lm", hidden_size=32, num_layers=1, steps=5, progress=False)
-    build_text_encoder(reports, root / "text" / "text_encoder", hidden_size=32, num_layers=1)
-    return root
 
 
 def cli_args(world: Path, out: Path, stage: str, command: str = "fit", *extra: str) -> list[str]:
@@ -134,7 +121,12 @@ def test_chain_stage1_to_stage3_with_hand_off_and_predict(
 def test_resumed_stage_ends_with_the_weights_of_an_uninterrupted_run(
     world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    common = ["--trainer.limit_val_batches=0", "--data.init_args.num_workers=0"]
+    # constant learning rate: the schedule's length depends on max_epochs, which differs between the halves
+    common = [
+        "--trainer.limit_val_batches=0",
+        "--model.init_args.warmup_steps=0",
+        "--model.init_args.min_lr_ratio=1.0",
+    ]
     full = _run_epochs(world, tmp_path / "full", 2, monkeypatch, *common)
     first = _run_epochs(world, tmp_path / "split", 1, monkeypatch, *common)
     ckpt = first.trainer.checkpoint_callback.last_model_path
@@ -174,3 +166,28 @@ def test_print_config_of_each_stage(
         assert exit_info.value.code in (0, None)
         printed = capsys.readouterr().out
         assert "seed_everything: 42" in printed and "mambaxray_ctl.stages." in printed
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(world: Path) -> None:
+    from mambaxray_ctl.stages import ReportGenModule
+
+    batch = {
+        "ids": ["a", "b"],
+        "images": torch.randn(2, 2, 3, 64, 64),
+        "view_mask": torch.ones(2, 2, dtype=torch.bool),
+        "reports": ["the heart is enlarged .", "no pleural effusion ."],
+    }
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = ReportGenModule(
+            backbone="test_arm_tiny",
+            llm=str(world / "text" / "lm"),
+            max_target_tokens=16,
+            gradient_checkpointing=checkpointing,
+        ).train()
+        loss = module(batch)["loss"]
+        loss.backward()
+        results.append((loss.detach(), module.mapper[0].weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

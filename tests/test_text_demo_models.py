@@ -99,3 +99,23 @@ def test_tool_reports_a_missing_annotation(tmp_path: Path, capsys: pytest.Captur
     missing = tmp_path / "nowhere" / "annotation.json"
     assert demo_models.run(_args(missing, tmp_path / "text")) == 1
     assert str(missing) in capsys.readouterr().err
+
+
+def test_chat_sequences_put_the_span_in_the_image_slot_as_report_lm_does() -> None:
+    from mambaxray_ctl.text.llm import DEFAULT_PROMPT, DEFAULT_TEMPLATE, split_template
+
+    tokenizer = train_tokenizer([*REPORTS, DEFAULT_PROMPT], 300)
+    before, after = split_template(DEFAULT_TEMPLATE, DEFAULT_PROMPT)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    report = REPORTS[0]
+    (chat,) = demo_models._encode_chat(tokenizer, [report], ["cardiomegaly"], chat=1.0, seed=0)
+    expected = [tokenizer.bos_token_id, *ids(before), *ids("cardiomegaly"), *ids(after), *ids(report)]
+    assert chat.tolist() == [*expected, tokenizer.eos_token_id]
+    (plain,) = demo_models._encode_chat(tokenizer, [report], ["cardiomegaly"], chat=0.0, seed=0)
+    assert plain.tolist() == [tokenizer.bos_token_id, *ids(report), tokenizer.eos_token_id]
+
+
+def test_findings_span_names_the_positive_findings_only() -> None:
+    report = "The heart is enlarged. No pleural effusion. There is a small left apical pneumothorax."
+    assert demo_models.findings_span(report) == "cardiomegaly pneumothorax left"
+    assert demo_models.findings_span("No pneumothorax. Heart size is normal.") == ""

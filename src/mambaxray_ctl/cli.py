@@ -32,6 +32,14 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
         "mambaxray_ctl.text.demo_models",
         "train the demo's small tokenizer and causal LM (Qwen's stand-in) and build its small text encoder",
     ),
+    "generate": (
+        "mambaxray_ctl.generate",
+        "write the report of one study (one image file per view) with a stage-3 checkpoint",
+    ),
+    "ablation": (
+        "mambaxray_ctl.ablation",
+        "run the rows of the paper's Table II on the demo world and print the table (`make ablation`)",
+    ),
     "demo": (
         "mambaxray_ctl.demo",
         "run the whole pipeline on the synthetic world on a CPU and print the metrics table (`make demo`)",

@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,7 @@ log = logging.getLogger(__name__)
 
 TARGET_F1 = 0.70
 TARGET_MARGIN = 0.25
-STAGES = (
-    ("stage1", "stage1_arm"),
-    ("stage2", "stage2_contrastive"),
-    ("stage3", "stage3_reportgen"),
-)
+FULL_METHOD = ("stage1_arm", "stage2_contrastive", "stage3_reportgen")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -47,17 +43,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--override",
         action="append",
         default=[],
-        metavar="STAGE:ARG",
-        help="extra CLI argument for one stage, e.g. stage3:--trainer.max_epochs=2 (repeatable)",
+        metavar="CONFIG:ARG",
+        help="extra CLI argument for one stage, e.g. stage3_reportgen:--trainer.max_epochs=2 (repeatable)",
     )
 
 
-def stage_args(configs: Path, data: Path, out: Path, stage: str, config: str) -> list[str]:
-    """The ``fit`` arguments of one demo stage: the same files as ``make <stage> DATA=demo``."""
+def stage_args(configs: Path, data: Path, out: Path, config: str) -> list[str]:
+    """The CLI arguments of one demo stage: the same files as ``make <stage> DATA=demo``."""
     files = [
         configs / "data" / "demo.yaml",
         configs / f"{config}.yaml",
-        configs / "demo" / f"{stage}.yaml",
+        configs / "demo" / f"{config}.yaml",
         configs / "trainer" / "cpu.yaml",
     ]
     args = [arg for path in files for arg in ("-c", str(path))]
@@ -67,6 +63,54 @@ def stage_args(configs: Path, data: Path, out: Path, stage: str, config: str) ->
         f"--data.init_args.image_root={data / 'images'}",
         f"--trainer.logger.init_args.save_dir={out}",
     ]
+
+
+def prepare_demo_data(data: Path, studies: int, seed: int, timings: dict[str, float]) -> bool:
+    """Generate the world and build its text models unless present; False on failure."""
+    from mambaxray_ctl.cli import main
+
+    annotation = data / "annotation.json"
+    if not annotation.is_file():
+        world = ["make-demo-data", "--out", str(data), "--n", str(studies), "--seed", str(seed)]
+        if _timed("synthetic world", timings, lambda: main(world)) != 0:
+            return False
+    if not (data / "text" / "lm" / "config.json").is_file():
+        text = ["build-demo-text-models", "--annotation", str(annotation), "--out", str(data / "text")]
+        if _timed("text models", timings, lambda: main(text)) != 0:
+            return False
+    return True
+
+
+def run_pipeline(
+    configs: Path,
+    data: Path,
+    out: Path,
+    stages: Sequence[str],
+    extra: dict[str, list[str]],
+    timings: dict[str, float],
+) -> tuple[Path, dict[str, Path]]:
+    """``fit`` each stage config in ``stages`` (each from the previous one's export), then ``predict``
+    the test split with the last stage-3 checkpoint. Returns the predictions file and the run dirs.
+
+    ``extra`` maps a stage config name (or ``"predict"``) to extra CLI arguments.
+    """
+    init_from: str | None = None
+    run_dirs: dict[str, Path] = {}
+    stage3_ckpt = ""
+    for config in stages:
+        fit_args = ["fit", *stage_args(configs, data, out, config), *extra.get(config, [])]
+        if init_from:
+            fit_args.append(f"--model.init_args.init_from={init_from}")
+        cli = _timed(config, timings, lambda a=fit_args: _run_cli(a))
+        run_dirs[config] = Path(cli.trainer.log_dir)
+        init_from = str(run_dirs[config] / "backbone.safetensors")
+        checkpoint = cli.trainer.checkpoint_callback
+        stage3_ckpt = checkpoint.best_model_path or checkpoint.last_model_path
+    predict_args = ["predict", *stage_args(configs, data, out, stages[-1]), f"--ckpt_path={stage3_ckpt}"]
+    cli = _timed(
+        "predict (test split)", timings, lambda: _run_cli([*predict_args, *extra.get("predict", [])])
+    )
+    return Path(cli.trainer.log_dir) / "predictions.jsonl", run_dirs
 
 
 def most_frequent_report(annotation: dict[str, Any], cleaning: str) -> str:
@@ -113,49 +157,27 @@ def _timed(name: str, timings: dict[str, float], fn: Callable[[], Any]) -> Any:
     return result
 
 
+def _overrides(items: list[str]) -> dict[str, list[str]]:
+    extra: dict[str, list[str]] = {}
+    for item in items:
+        stage, _, value = item.partition(":")
+        extra.setdefault(stage, []).append(value)
+    return extra
+
+
 def run(args: argparse.Namespace) -> int:
-    from mambaxray_ctl.cli import main
     from mambaxray_ctl.evaluation.evaluate import evaluate_predictions, format_table
 
     start = time.perf_counter()
     data, out, configs = Path(args.data), Path(args.out), Path(args.configs)
-    extra: dict[str, list[str]] = {}
-    for item in args.override:
-        stage, _, value = item.partition(":")
-        extra.setdefault(stage, []).append(value)
     timings: dict[str, float] = {}
+    if not prepare_demo_data(data, args.studies, args.seed, timings):
+        return 1
+    predictions, run_dirs = run_pipeline(configs, data, out, FULL_METHOD, _overrides(args.override), timings)
 
-    annotation_path = data / "annotation.json"
-    if not annotation_path.is_file():
-        world = ["make-demo-data", "--out", str(data), "--n", str(args.studies), "--seed", str(args.seed)]
-        if _timed("synthetic world", timings, lambda: main(world)) != 0:
-            return 1
-    if not (data / "text" / "lm" / "config.json").is_file():
-        text = ["build-demo-text-models", "--annotation", str(annotation_path), "--out", str(data / "text")]
-        if _timed("text models", timings, lambda: main(text)) != 0:
-            return 1
-
-    init_from: str | None = None
-    run_dirs: dict[str, Path] = {}
-    for stage, config in STAGES:
-        fit_args = ["fit", *stage_args(configs, data, out, stage, config), *extra.get(stage, [])]
-        if init_from:
-            fit_args.append(f"--model.init_args.init_from={init_from}")
-        cli = _timed(stage, timings, lambda a=fit_args: _run_cli(a))
-        run_dirs[stage] = Path(cli.trainer.log_dir)
-        init_from = str(run_dirs[stage] / "backbone.safetensors")
-        checkpoint = cli.trainer.checkpoint_callback
-        stage3_ckpt = checkpoint.best_model_path or checkpoint.last_model_path
-
-    predict_args = ["predict", *stage_args(configs, data, out, "stage3", "stage3_reportgen")]
-    predict_args += [f"--ckpt_path={stage3_ckpt}", *extra.get("predict", [])]
-    cli = _timed("predict (test split)", timings, lambda: _run_cli(predict_args))
-    predictions = Path(cli.trainer.log_dir) / "predictions.jsonl"
-
-    annotation = json.loads(annotation_path.read_text())
-    cleaning = cli.datamodule.hparams.cleaning
+    annotation = json.loads((data / "annotation.json").read_text())
     baseline = write_baseline(
-        predictions, most_frequent_report(annotation, cleaning), out / "baseline_predictions.jsonl"
+        predictions, most_frequent_report(annotation, "iu_xray"), out / "baseline_predictions.jsonl"
     )
     ours = evaluate_predictions(predictions, "demo", labeler="demo")
     blind = evaluate_predictions(baseline, "demo", labeler="demo")

@@ -31,8 +31,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "vim_tiny_patch16": {**_VIM, "embed_dim": 192, "depth": 24},
     "vim_small_patch16": {**_VIM, "embed_dim": 384, "depth": 24},
     "vim_base_patch16": {**_VIM, "embed_dim": 768, "depth": 24},
-    # Small CPU backbones of the demo (`make demo`): 128 px, and their stage-1 encoders at 96 px.
-    "demo_arm": {**_ARM, "img_size": 128, "embed_dim": 96, "depth": 4, "d_state": 16, "drop_path_rate": 0.0},
+    # Small CPU backbones of the demo (`make demo`) at 96 px (6x6 patches), and their stage-1 encoders.
+    "demo_arm": {**_ARM, "img_size": 96, "embed_dim": 96, "depth": 4, "d_state": 16, "drop_path_rate": 0.0},
     "demo_arm_pretrain": {**_ARM_PRETRAIN, "img_size": 96, "embed_dim": 96, "depth": 4, "d_state": 16},
     # Tiny variants for fast tests (4x4 patch grid; the pretrain one has a 6x6 grid = 3x3 clusters of 2x2).
     "test_arm_tiny": {**_ARM, **_TEST, "embed_dim": 32, "depth": 2},

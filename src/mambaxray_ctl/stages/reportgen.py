@@ -38,6 +38,9 @@ class ReportGenModule(BackboneStage):
     The LM learns the R2Gen-cleaned reports, so its outputs are scored as generated (re-cleaning is
     not idempotent) against the cleaned references, as the anchors do.
 
+    ``gradient_checkpointing`` recomputes the backbone blocks and the LM layers during backward (see
+    the README for the memory it saves with the 1.8B LM).
+
     Checkpoints leave out the frozen LM weights (they come from ``llm`` at load time).
     """
 
@@ -48,6 +51,7 @@ class ReportGenModule(BackboneStage):
         backbone: str = "arm_large_pz16",
         backbone_overrides: dict[str, Any] | None = None,
         freeze_backbone: bool = False,
+        gradient_checkpointing: bool = False,
         llm: str = "Qwen/Qwen1.5-1.8B-Chat",
         llm_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         lora: dict[str, Any] | None = None,
@@ -92,6 +96,9 @@ class ReportGenModule(BackboneStage):
             max_target_tokens=max_target_tokens,
             lora=lora,
         )
+        if gradient_checkpointing:  # recompute backbone blocks and LM layers in backward: memory for time
+            self.backbone.set_grad_checkpointing(True)
+            self.llm.model.gradient_checkpointing_enable({"use_reentrant": False})
         hidden = self.llm.hidden_size
         self.mapper = nn.Sequential(nn.Linear(self.backbone.config.embed_dim, hidden), nn.LayerNorm(hidden))
         self.text_proj = nn.Linear(hidden, hidden)

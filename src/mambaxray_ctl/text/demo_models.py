@@ -42,7 +42,9 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
 
-from mambaxray_ctl.data.cleaning import clean_report
+from mambaxray_ctl.data.cleaning import CleaningRule, clean_report
+from mambaxray_ctl.data.demo_world import LABEL_NAMES, extract_labels
+from mambaxray_ctl.text.llm import DEFAULT_PROMPT, DEFAULT_TEMPLATE, split_template
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,39 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[Tensor
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [torch.tensor([*bos, *ids, tokenizer.eos_token_id]) for ids in encoded]
+
+
+def _encode_chat(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], spans: list[str], chat: float, seed: int
+) -> list[Tensor]:
+    """Like :func:`_encode`, but a ``chat`` fraction of the reports comes inside stage 3's prompt:
+    ``[BOS] Human: <Img> span </Img> prompt \nAssistant: report EOS``, tokenised piece by piece as
+    :class:`ReportLM` does, with ``spans[i]`` in the image slot.
+
+    A chat model such as Qwen reads its context; this small LM learns the same habit here: the findings
+    named in the image slot decide the report, and stage 3 then puts visual tokens in that slot.
+    """
+    before, after = split_template(DEFAULT_TEMPLATE, DEFAULT_PROMPT)
+    plain = _encode(tokenizer, texts)
+    generator = torch.Generator().manual_seed(seed)
+    head = tokenizer(before, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(after, add_special_tokens=False)["input_ids"]
+    out = []
+    for sequence, span in zip(plain, spans, strict=True):
+        if torch.rand((), generator=generator) >= chat:
+            out.append(sequence)
+            continue
+        start = 0 if tokenizer.bos_token_id is None else 1
+        span_ids = tokenizer(span, add_special_tokens=False)["input_ids"] if span else []
+        prefix = torch.tensor([*head, *span_ids, *tail], dtype=sequence.dtype)
+        out.append(torch.cat([sequence[:start], prefix, sequence[start:]]))
+    return out
+
+
+def findings_span(report: str) -> str:
+    """The demo world's findings in a report, as words (``"cardiomegaly pleural effusion left"``)."""
+    labels = extract_labels(report)
+    return " ".join(name.replace("_", " ") for name, flag in zip(LABEL_NAMES, labels, strict=True) if flag)
 
 
 def _collate(sequences: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -183,6 +218,8 @@ def train_causal_lm(
     num_heads: int = 4,
     intermediate_size: int = 256,
     max_length: int = 128,
+    spans: list[str] | None = None,
+    chat: float = 1.0,
     steps: int = 300,
     batch_size: int = 16,
     lr: float = 3e-3,
@@ -191,6 +228,9 @@ def train_causal_lm(
 ) -> Path:
     """Train a small Qwen2 causal LM on ``texts`` (each as [BOS] text EOS, packed into sequences of
     ``max_length`` tokens) and save model, tokenizer and ``training.json`` to ``out_dir``.
+
+    With ``spans``, a ``chat`` fraction of the texts is wrapped in stage 3's prompt with ``spans[i]``
+    in the image slot (see :func:`_encode_chat`).
 
     ``training.json`` holds the first/last step losses, the mean per-token loss and perplexity of the
     trained model on the texts one by one, and the seconds taken.
@@ -222,7 +262,10 @@ def train_causal_lm(
             f"{out}: the reloaded tokenizer has {len(tokenizer)} tokens, the LM {config.vocab_size}"
         )
     model = Qwen2ForCausalLM(config)
-    sequences = _encode(tokenizer, texts)
+    if spans is None:
+        sequences = _encode(tokenizer, texts)
+    else:
+        sequences = _encode_chat(tokenizer, texts, spans, chat, seed)
     losses = _fit(
         model,
         sequences,
@@ -292,17 +335,28 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--annotation", default="data/demo/annotation.json", help="R2Gen annotation (default: %(default)s)"
     )
     parser.add_argument("--out", default="data/demo/text", help="output folder (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=300, help="LM training steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=1000, help="LM training steps (default: %(default)s)")
+    parser.add_argument(
+        "--cleaning",
+        default="iu_xray",
+        help="report cleaning rule, as the DataModule's (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--chat",
+        type=float,
+        default=1.0,
+        help="fraction of reports trained inside the stage-3 prompt (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
 
 
-def _train_reports(path: Path) -> list[str]:
+def _train_reports(path: Path, cleaning: CleaningRule) -> list[str]:
     with path.open(encoding="utf-8") as f:
         annotation = json.load(f)
     entries = annotation.get("train") if isinstance(annotation, dict) else None
     if not isinstance(entries, list):
         raise ValueError("no 'train' list")
-    reports = [clean_report(entry["report"], "mimic_cxr") for entry in entries if entry["report"]]
+    reports = [clean_report(entry["report"], cleaning) for entry in entries if entry["report"]]
     if not reports:
         raise ValueError("no train reports")
     return reports
@@ -314,13 +368,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: error: need --steps >= 1", file=sys.stderr)
         return 1
     try:
-        reports = _train_reports(Path(args.annotation))
+        reports = _train_reports(Path(args.annotation), args.cleaning)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"{name}: error: cannot read train reports from {args.annotation}: {exc}", file=sys.stderr)
         return 1
     out = Path(args.out)
     start = time.perf_counter()
-    lm = train_causal_lm(reports, out / "lm", steps=args.steps, seed=args.seed)
+    lm = train_causal_lm(
+        reports, out / "lm", steps=args.steps, seed=args.seed, chat=args.chat, max_length=256
+    )
     stats = json.loads((lm / TRAINING_LOG).read_text(encoding="utf-8"))
     print(
         f"wrote {lm} in {time.perf_counter() - start:.1f}s: {stats['parameters']:,} parameters, "

@@ -29,7 +29,7 @@ LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 IGNORE_INDEX = -100
 
 
-def _split_template(template: str, prompt: str) -> tuple[str, str]:
+def split_template(template: str, prompt: str) -> tuple[str, str]:
     """The text before and after the single ``<ImageHere>``, with ``{prompt}`` filled in."""
     count = template.count(IMAGE_PLACEHOLDER)
     if count != 1:
@@ -81,7 +81,7 @@ class ReportLM(nn.Module):
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
         if max_target_tokens < 1:
             raise ValueError(f"max_target_tokens must be >= 1, got {max_target_tokens}")
-        before, after = _split_template(template, prompt)
+        before, after = split_template(template, prompt)
         self.max_target_tokens = max_target_tokens
         self.tokenizer = load_pretrained(
             AutoTokenizer.from_pretrained, name_or_path, what="report LM", local_files_only=local_files_only
