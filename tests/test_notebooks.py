@@ -218,6 +218,7 @@ def test_collect_embeddings_are_the_ctl_features(artefacts: dict[str, Path]) -> 
         visual = module.encode_visual(batch["images"], batch["view_mask"])
         inputs = module.llm.build_inputs(visual, batch["reports"])
         expected = module.text_proj(module.llm.target_embedding(inputs["target_ids"], inputs["target_mask"]))
-    np.testing.assert_allclose(image[:4], visual.mean(1).numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(text[:4], expected.numpy(), rtol=1e-5, atol=1e-6)
+    normalize = torch.nn.functional.normalize
+    np.testing.assert_allclose(image[:4], normalize(visual.mean(1), dim=-1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(text[:4], normalize(expected, dim=-1).numpy(), rtol=1e-5, atol=1e-6)
     assert ids[:4] == batch["ids"]

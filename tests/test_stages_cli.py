@@ -191,3 +191,21 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(world: Path) -
         results.append((loss.detach(), module.mapper[0].weight.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_stage3_validation_logs_samples_metrics_and_embeddings(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
+    cli = run_cli(cli_args(world, tmp_path, "stage3", "fit", *extra), monkeypatch)
+    run_dir = Path(cli.trainer.log_dir)
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    scalars, tensors = set(events.Tags()["scalars"]), set(events.Tags()["tensors"])
+    assert {"val/BLEU_4", "val/CIDEr", "val/score", "val/CE_F1_macro", "params/frozen"} <= scalars
+    assert {"val/samples/text_summary", "config/text_summary"} <= tensors
+    table = events.Tensors("val/samples/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert table.startswith("| id | generated | reference | BLEU-4 |") and table.count("\n") >= 2
+    assert (run_dir / "projector_config.pbtxt").is_file()

@@ -253,9 +253,10 @@ def save_html(text: str, folder: str | Path, name: str) -> Path:
 def collect_embeddings(
     module: ReportGenModule, dataloader: Iterable[Mapping[str, Any]], max_studies: int | None = None
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``(ids, image, text)`` for up to ``max_studies`` studies: ``image`` = the mean mapped visual
-    token (``encode_visual(...).mean(1)``), ``text`` = ``text_proj`` of the LM's mean frozen input
-    embedding of the reference's target tokens — the two sides of the CTL-FT loss, (N, hidden) float32.
+    """``(ids, image, text)`` for up to ``max_studies`` studies, from :meth:`ReportGenModule.embed`:
+    ``image`` = the mean mapped visual token, ``text`` = ``text_proj`` of the LM's mean frozen input
+    embedding of the reference's target tokens — the two sides of the CTL-FT loss, L2-normalised,
+    (N, hidden) float32.
 
     Target tokens are those of training (:meth:`ReportLM.build_inputs`: report ids + EOS, truncated
     to ``max_target_tokens``, padding excluded unless the module's ``ctl_include_padding``).
@@ -274,18 +275,13 @@ def collect_embeddings(
                 len(batch["ids"]) if max_studies is None else min(len(batch["ids"]), max_studies - len(ids))
             )
             view_mask = batch.get("view_mask")
-            visual = module.encode_visual(
-                batch["images"][:take].to(device), None if view_mask is None else view_mask[:take].to(device)
+            image, text = module.embed(
+                {
+                    "images": batch["images"][:take].to(device),
+                    "view_mask": None if view_mask is None else view_mask[:take].to(device),
+                    "reports": list(batch["reports"][:take]),
+                }
             )
-            reports = list(batch["reports"][:take])
-            inputs = module.llm.build_inputs(visual, reports)
-            text = module.llm.target_embedding(
-                inputs["target_ids"],
-                inputs["target_mask"],
-                include_padding=module.hparams.ctl_include_padding,
-            )
-            image = visual.mean(dim=1)
-            text = module.text_proj(text.to(image.dtype))
             ids += [str(i) for i in batch["ids"][:take]]
             images.append(image.float().cpu().numpy())
             texts.append(text.float().cpu().numpy())

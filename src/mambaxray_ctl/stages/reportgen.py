@@ -123,15 +123,26 @@ class ReportGenModule(BackboneStage):
         sft, inputs = self.llm(visual, batch["reports"])
         out = {"sft": sft, "loss": sft}
         if self.hparams.ctl_weight > 0:
-            text = self.llm.target_embedding(
-                inputs["target_ids"], inputs["target_mask"], include_padding=self.hparams.ctl_include_padding
-            )
-            image = visual.mean(dim=1)
-            text = self.text_proj(text.to(image.dtype))
+            image, text = self._ctl_embeddings(visual, inputs)
             ctl = clip_loss(image, text, 1.0 / self.hparams.ctl_temperature, gather=self.hparams.ctl_gather)
             out["ctl"] = ctl
             out["loss"] = sft + self.hparams.ctl_weight * ctl
         return out
+
+    def _ctl_embeddings(self, visual: Tensor, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """CTL-FT's two sides: the mean visual token, and ``text_proj`` of the mean target embedding."""
+        text = self.llm.target_embedding(
+            inputs["target_ids"], inputs["target_mask"], include_padding=self.hparams.ctl_include_padding
+        )
+        image = visual.mean(dim=1)
+        return image, self.text_proj(text.to(image.dtype))
+
+    @torch.no_grad()
+    def embed(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """L2-normalised CTL-FT (image, text) embeddings of a batch (projector, notebooks)."""
+        visual = self.encode_visual(batch["images"], batch.get("view_mask"))
+        image, text = self._ctl_embeddings(visual, self.llm.build_inputs(visual, batch["reports"]))
+        return nn.functional.normalize(image, dim=-1), nn.functional.normalize(text, dim=-1)
 
     @torch.no_grad()
     def generate(self, images: Tensor, view_mask: Tensor | None = None, **overrides: Any) -> list[str]:
