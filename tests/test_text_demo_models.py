@@ -93,6 +93,9 @@ def test_tool_builds_both_folders(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (tmp_path / "text" / "text_encoder" / "model.safetensors").is_file()
     out = capsys.readouterr().out
     assert "text/lm" in out and "text/text_encoder" in out and "perplexity" in out
+    # every report was trained inside the stage-3 prompt (about 35 tokens more than the short reports)
+    stats = json.loads((tmp_path / "text" / "lm" / "training.json").read_text())
+    assert stats["tokens_per_text"] > 35
 
 
 def test_tool_reports_a_missing_annotation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -374,8 +374,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     out = Path(args.out)
     start = time.perf_counter()
+    spans = [findings_span(report) for report in reports]
     lm = train_causal_lm(
-        reports, out / "lm", steps=args.steps, seed=args.seed, chat=args.chat, max_length=256
+        reports, out / "lm", spans=spans, chat=args.chat, steps=args.steps, seed=args.seed, max_length=256
     )
     stats = json.loads((lm / TRAINING_LOG).read_text(encoding="utf-8"))
     print(
