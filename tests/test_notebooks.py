@@ -106,7 +106,7 @@ def test_notebook_parameters_from_the_environment(tmp_path: Path) -> None:
     env = {"MXR_NUM_STUDIES": "7", "MXR_FIGURE_DIR": str(tmp_path / "figs"), "MXR_PREDICTIONS": ""}
     metrics = tmp_path / "demo" / "metrics.json"
     metrics.parent.mkdir()
-    metrics.write_text(json.dumps({"predictions": "/abs/p.jsonl", "runs": {"stage3": "/abs/run"}}))
+    metrics.write_text(json.dumps({"predictions": "/abs/p.jsonl", "runs": {"stage3_reportgen": "/abs/run"}}))
     params = q.notebook_parameters(
         env, PREDICTIONS=None, CKPT_CTL=None, FIGURE_DIR="x", NUM_STUDIES=3, DEMO_ROOT=str(metrics.parent)
     )

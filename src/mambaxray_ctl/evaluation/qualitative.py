@@ -387,6 +387,9 @@ def study_loader(
         overrides["annotation"] = str(annotation)
     if image_root is not None:
         overrides["image_root"] = str(image_root)
+    for key in ("annotation", "image_root"):  # relative to where the run was started: the project root
+        if recorded.get(key):
+            recorded[key] = str(_from_project_root(recorded[key], checkpoint))
     datamodule: ReportDataModule = cls(**{**recorded, **overrides})
     datamodule.setup("predict")
     return datamodule.predict_dataloader()
@@ -396,7 +399,20 @@ def load_stage3(checkpoint: str | Path, llm: str | None = None, device: str = "c
     """The stage-3 module of ``checkpoint`` in eval mode (``llm`` replaces a moved LM folder)."""
     from mambaxray_ctl.generate import inspect_checkpoint, load_module
 
-    return load_module(inspect_checkpoint(checkpoint), llm, device)
+    info = inspect_checkpoint(checkpoint)
+    if llm is None and info.hparams.get("llm"):
+        llm = str(_from_project_root(info.hparams["llm"], checkpoint))
+    return load_module(info, llm, device)
+
+
+def _from_project_root(path: str | Path, checkpoint: str | Path) -> Path:
+    """A relative ``path`` recorded in a run: as is if it exists from here, else from the project root
+    that holds ``checkpoint`` (the notebooks run from ``notebooks/``)."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    candidate = project_root(Path(checkpoint).resolve().parent) / path
+    return candidate if candidate.exists() else path
 
 
 def checkpoint_hparams(checkpoint: str | Path) -> dict[str, Any]:
@@ -439,7 +455,7 @@ def demo_artefacts(demo_root: str | Path = DEMO_ROOT) -> dict[str, Path]:
     base = project_root(demo_root)  # the demo writes paths relative to where it ran: the project root
     return {
         "predictions": base / metrics["predictions"],
-        "ckpt_ctl": base / metrics["runs"]["stage3"] / "checkpoints" / "last.ckpt",
+        "ckpt_ctl": base / metrics["runs"]["stage3_reportgen"] / "checkpoints" / "last.ckpt",
     }
 
 
