@@ -5,11 +5,13 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from mambaxray_ctl.evaluation.qualitative import collect_embeddings
 from mambaxray_ctl.evaluation.report_metrics import sentence_bleu4
 
 
@@ -84,26 +86,14 @@ class EmbeddingProjector(Callback):
     def __init__(self, max_studies: int = 500) -> None:
         self.max_studies = max_studies
 
-    @torch.no_grad()
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         writer = _tensorboard(trainer)
         if not trainer.is_global_zero or writer is None or not hasattr(pl_module, "embed"):
             return
-        ids, images, texts = [], [], []
-        was_training = pl_module.training
-        pl_module.eval()
-        for batch in trainer.datamodule.val_dataloader():
-            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-            image, text = pl_module.embed(batch)
-            ids += batch["ids"]
-            images.append(image.float().cpu())
-            texts.append(text.float().cpu())
-            if len(ids) >= self.max_studies:
-                break
-        pl_module.train(was_training)
-        n = min(len(ids), self.max_studies)
-        features = torch.cat([torch.cat(images)[:n], torch.cat(texts)[:n]])
-        metadata = [[study, kind] for kind in ("image", "text") for study in ids[:n]]
+        loader = trainer.datamodule.val_dataloader()
+        ids, image, text = collect_embeddings(pl_module, loader, self.max_studies)
+        features = torch.from_numpy(np.concatenate([image, text]))
+        metadata = [[study, kind] for kind in ("image", "text") for study in ids]
         writer.add_embedding(
             features, metadata=metadata, metadata_header=["id", "modality"], global_step=trainer.global_step
         )

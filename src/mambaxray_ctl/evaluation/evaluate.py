@@ -31,9 +31,10 @@ REQUIRED_KEYS = ("id", "generated", "reference")
 PAPER_ROWS_NOTE = "paper rows: not available"
 
 
-def read_predictions(path: str | Path) -> list[tuple[str, str, str]]:
-    """``(id, generated, reference)`` of every line; errors name the file and the line number."""
-    records = []
+def read_prediction_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Every row of a ``predictions.jsonl``, validated (``id`` made a string); errors name the file
+    and the line number."""
+    rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -54,10 +55,15 @@ def read_predictions(path: str | Path) -> list[tuple[str, str, str]]:
                     raise ValueError(
                         f"{path}:{number}: {key!r} must be a string, got {type(row[key]).__name__}"
                     )
-            records.append((str(row["id"]), row["generated"], row["reference"]))
-    if not records:
+            rows.append({**row, "id": str(row["id"])})
+    if not rows:
         raise ValueError(f"{path}: no predictions")
-    return records
+    return rows
+
+
+def read_predictions(path: str | Path) -> list[tuple[str, str, str]]:
+    """``(id, generated, reference)`` of every line (see :func:`read_prediction_rows`)."""
+    return [(row["id"], row["generated"], row["reference"]) for row in read_prediction_rows(path)]
 
 
 def evaluate_predictions(

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mambaxray_ctl.data.images import IMAGE_SUFFIXES, load_image
-from mambaxray_ctl.evaluation.evaluate import REQUIRED_KEYS
+from mambaxray_ctl.evaluation.evaluate import read_prediction_rows
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -107,22 +107,8 @@ def highlight_table_html(rows: Iterable[Mapping[str, Any]]) -> str:
 def load_predictions(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a ``predictions.jsonl`` (first row of each id kept); errors name the file and line."""
     rows: dict[str, dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            missing = [key for key in REQUIRED_KEYS if key not in row]
-            if missing:
-                raise ValueError(f"{path}:{number}: missing key(s) {', '.join(missing)}")
-            rows.setdefault(str(row["id"]), {**row, "id": str(row["id"])})
-    if not rows:
-        raise ValueError(f"{path}: no predictions")
+    for row in read_prediction_rows(path):
+        rows.setdefault(row["id"], row)
     return list(rows.values())
 
 
