@@ -78,10 +78,21 @@ def test_build_text_encoder_saves_a_loadable_bert(tmp_path: Path) -> None:
     assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
 
 
+def test_build_text_encoder_pretrains_with_masked_language_modelling(tmp_path: Path) -> None:
+    options = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_length": 32, "progress": False}
+    out = build_text_encoder(REPORTS * 8, tmp_path / "mlm", mlm_steps=60, batch_size=8, lr=1e-2, **options)
+    stats = json.loads((out / "training.json").read_text())
+    assert stats["mlm_steps"] == 60 and stats["last_step_loss"] < 0.5 * stats["first_step_loss"]
+    assert AutoTokenizer.from_pretrained(out).mask_token == "[MASK]"
+    assert AutoModel.from_pretrained(out).config.hidden_size == 16
+
+
 def _args(annotation: Path, out: Path, steps: int = 2) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     demo_models.configure_parser(parser)
-    return parser.parse_args(["--annotation", str(annotation), "--out", str(out), "--steps", str(steps)])
+    return parser.parse_args(
+        ["--annotation", str(annotation), "--out", str(out), "--steps", str(steps), "--mlm-steps", "2"]
+    )
 
 
 def test_tool_builds_both_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -93,9 +104,9 @@ def test_tool_builds_both_folders(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (tmp_path / "text" / "text_encoder" / "model.safetensors").is_file()
     out = capsys.readouterr().out
     assert "text/lm" in out and "text/text_encoder" in out and "perplexity" in out
-    # every report was trained inside the stage-3 prompt (about 35 tokens more than the short reports)
+    # every report was trained inside the stage-3 prompt, with the 37-token image slot
     stats = json.loads((tmp_path / "text" / "lm" / "training.json").read_text())
-    assert stats["tokens_per_text"] > 35
+    assert stats["tokens_per_text"] > 37 + 10 and stats["image_slot_tokens"] == 37
 
 
 def test_tool_reports_a_missing_annotation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,21 +115,78 @@ def test_tool_reports_a_missing_annotation(tmp_path: Path, capsys: pytest.Captur
     assert str(missing) in capsys.readouterr().err
 
 
-def test_chat_sequences_put_the_span_in_the_image_slot_as_report_lm_does() -> None:
+def test_chat_sequences_put_the_slot_tokens_in_the_image_slot_as_report_lm_does() -> None:
     from mambaxray_ctl.text.llm import DEFAULT_PROMPT, DEFAULT_TEMPLATE, split_template
 
-    tokenizer = train_tokenizer([*REPORTS, DEFAULT_PROMPT], 300)
+    extra = (*demo_models.FINDING_TOKENS, demo_models.IMAGE_TOKEN)
+    tokenizer = train_tokenizer([*REPORTS, DEFAULT_PROMPT], 300, extra_tokens=extra)
     before, after = split_template(DEFAULT_TEMPLATE, DEFAULT_PROMPT)
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    report = REPORTS[0]
-    (chat,) = demo_models._encode_chat(tokenizer, [report], ["cardiomegaly"], chat=1.0, seed=0)
-    expected = [tokenizer.bos_token_id, *ids(before), *ids("cardiomegaly"), *ids(after), *ids(report)]
+    report, slot = REPORTS[0], [demo_models.IMAGE_TOKEN, "<|cardiomegaly|>"]
+    slot_ids = tokenizer.convert_tokens_to_ids(slot)
+    assert tokenizer.unk_token_id not in slot_ids and len(set(slot_ids)) == 2
+    (chat,) = demo_models._encode_chat(tokenizer, [report], [slot], chat=1.0, seed=0)
+    expected = [tokenizer.bos_token_id, *ids(before), *slot_ids, *ids(after), *ids(report)]
     assert chat.tolist() == [*expected, tokenizer.eos_token_id]
-    (plain,) = demo_models._encode_chat(tokenizer, [report], ["cardiomegaly"], chat=0.0, seed=0)
+    (plain,) = demo_models._encode_chat(tokenizer, [report], [slot], chat=0.0, seed=0)
     assert plain.tolist() == [tokenizer.bos_token_id, *ids(report), tokenizer.eos_token_id]
 
 
-def test_findings_span_names_the_positive_findings_only() -> None:
+def test_image_slot_holds_one_to_three_tokens_per_positive_finding() -> None:
     report = "The heart is enlarged. No pleural effusion. There is a small left apical pneumothorax."
-    assert demo_models.findings_span(report) == "cardiomegaly pneumothorax left"
-    assert demo_models.findings_span("No pneumothorax. Heart size is normal.") == ""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        slot = demo_models.image_slot(report, 37, generator)
+        assert len(slot) == 37
+        findings = [token for token in slot if token != demo_models.IMAGE_TOKEN]
+        assert set(findings) == {"<|cardiomegaly|>", "<|pneumothorax_left|>"}
+        assert 1 <= findings.count("<|cardiomegaly|>") <= 3
+    assert (
+        demo_models.image_slot("No pneumothorax. Heart size is normal.", 5, generator)
+        == [demo_models.IMAGE_TOKEN] * 5
+    )
+
+
+@pytest.mark.slow
+def test_demo_lm_writes_the_findings_its_image_slot_names(tmp_path: Path) -> None:
+    """The tool's LM, fed the embeddings of held-out slots, writes reports with those findings."""
+    from sklearn.metrics import f1_score
+
+    from mambaxray_ctl.data.cleaning import clean_report
+    from mambaxray_ctl.data.demo_world import extract_labels, sample_study
+    from mambaxray_ctl.text.llm import ReportLM
+
+    train = [{"id": str(i), "report": sample_study(0, i)[1], "image_path": []} for i in range(1680)]
+    annotation = tmp_path / "annotation.json"
+    annotation.write_text(json.dumps({"train": train, "val": [], "test": []}))
+    parser = argparse.ArgumentParser()
+    demo_models.configure_parser(parser)
+    assert demo_models.run(parser.parse_args(["--annotation", str(annotation), "--out", str(tmp_path)])) == 0
+
+    lm = ReportLM(str(tmp_path / "lm"), max_target_tokens=64)
+    held_out = [clean_report(sample_study(0, i)[1], "iu_xray") for i in range(2000, 2120)]
+    generator = torch.Generator().manual_seed(1)
+    slots = [demo_models.image_slot(report, 37, generator) for report in held_out]
+    visual = lm.input_embeddings(torch.tensor([lm.tokenizer.convert_tokens_to_ids(s) for s in slots]))
+    decoding = {"num_beams": 3, "min_new_tokens": 8, "max_new_tokens": 72, "repetition_penalty": 1.0}
+    generated = lm.generate(visual, length_penalty=1.0, **decoding)
+    truth = [extract_labels(report) for report in held_out]
+    predicted = [extract_labels(report) for report in generated]
+    assert f1_score(truth, predicted, average="macro", zero_division=0) > 0.85
+
+
+def test_demo_rebuilds_text_models_of_an_older_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mambaxray_ctl.demo import _text_models_current
+
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "text_encoder").mkdir()
+    assert not _text_models_current(tmp_path)  # nothing built yet
+    (tmp_path / "lm" / "config.json").write_text("{}")
+    (tmp_path / "lm" / "training.json").write_text(json.dumps({"image_slot_tokens": None}))
+    assert not _text_models_current(tmp_path)
+    assert "older recipe" in capsys.readouterr().err
+    (tmp_path / "lm" / "training.json").write_text(json.dumps({"image_slot_tokens": 37}))
+    (tmp_path / "text_encoder" / "training.json").write_text(json.dumps({"mlm_steps": 1000}))
+    assert _text_models_current(tmp_path)

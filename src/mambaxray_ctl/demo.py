@@ -1,8 +1,9 @@
 """``mambaxray-ctl demo`` (``make demo``): the whole method on the synthetic world, on a CPU.
 
 Steps: generate the world (``data/demo``) → train its small tokenizer and causal LM on the
-training reports (text only; the LM plays Qwen's role and stage 3 loads it frozen with
-``from_pretrained``) and build the small text encoder of stage 2 → stage 1 (ARM) → stage 2
+training reports (text only: each report inside stage 3's prompt, its findings named by tokens in
+the image slot; the LM plays Qwen's role and stage 3 loads it frozen with ``from_pretrained``) and
+pre-train the small text encoder of stage 2 (masked LM on the same reports) → stage 1 (ARM) → stage 2
 (contrastive, from the stage-1 export) → stage 3 (report generation, from the stage-2 export) →
 ``predict`` on the test split → the paper's metrics plus clinical precision/recall/F1 per finding,
 beside an image-blind baseline scored the same way (the most frequent training report, given
@@ -74,11 +75,27 @@ def prepare_demo_data(data: Path, studies: int, seed: int, timings: dict[str, fl
         world = ["make-demo-data", "--out", str(data), "--n", str(studies), "--seed", str(seed)]
         if _timed("synthetic world", timings, lambda: main(world)) != 0:
             return False
-    if not (data / "text" / "lm" / "config.json").is_file():
+    if not _text_models_current(data / "text"):
         text = ["build-demo-text-models", "--annotation", str(annotation), "--out", str(data / "text")]
         if _timed("text models", timings, lambda: main(text)) != 0:
             return False
     return True
+
+
+def _text_models_current(folder: Path) -> bool:
+    """Whether ``folder`` holds text models of the current recipe (an LM trained with the image-slot
+    tokens and a pre-trained text encoder); models from an older recipe are rebuilt, with a notice."""
+    from mambaxray_ctl.text.demo_models import TRAINING_LOG
+
+    lm_log, encoder_log = folder / "lm" / TRAINING_LOG, folder / "text_encoder" / TRAINING_LOG
+    if not (folder / "lm" / "config.json").is_file():
+        return False
+    current = encoder_log.is_file() and lm_log.is_file()
+    if current:
+        current = json.loads(lm_log.read_text(encoding="utf-8")).get("image_slot_tokens") is not None
+    if not current:
+        print(f"{folder}: text models from an older recipe, rebuilding them", file=sys.stderr)
+    return current
 
 
 def run_pipeline(

@@ -2,6 +2,11 @@
 
 * ``<out>/lm`` — a Qwen2-architecture causal LM (the architecture of Qwen1.5, the IU X-ray decoder),
   pre-trained here on the reports so that, frozen, it can write report-style text in stage 3.
+  A chat LLM such as Qwen writes what its context names; this small LM learns that habit here: it
+  is trained on each report inside stage 3's prompt, with an image slot as long as stage 3's visual
+  token sequence that holds :data:`IMAGE_TOKEN` plus a few :data:`FINDING_TOKENS` (one per finding of
+  the world, read from the report's text). Stage 3 then has to learn, from pixels, visual tokens
+  that the frozen LM reads as those findings.
 * ``<out>/text_encoder`` — a randomly initialised BERT (stand-in for Bio_ClinicalBERT), trained in stage 2.
 
 Both tokenizers are byte-level BPE with Qwen2's pre-tokenisation (words split at whitespace and
@@ -24,6 +29,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +40,9 @@ from tqdm import tqdm
 from transformers import (
     AutoTokenizer,
     BertConfig,
+    BertForMaskedLM,
     BertModel,
+    DataCollatorForLanguageModeling,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -51,16 +59,19 @@ log = logging.getLogger(__name__)
 TokenizerKind = Literal["lm", "encoder"]
 SPECIAL_TOKENS: dict[str, dict[str, str]] = {
     "lm": {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<|endoftext|>"},
-    "encoder": {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]"},
+    "encoder": {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "mask_token": "[MASK]"},
 }
 MAX_POSITIONS = 512  # room for the stage-3 prefix (prompt + 197 visual tokens) plus the report
 TRAINING_LOG = "training.json"
+# The demo LM's image-slot vocabulary: one token per finding of the world, and a token for "nothing here".
+FINDING_TOKENS = tuple(f"<|{name}|>" for name in LABEL_NAMES)
+IMAGE_TOKEN = "<|image|>"
 
 
 def train_tokenizer(
-    texts: list[str], vocab_size: int = 1000, *, kind: TokenizerKind = "lm"
+    texts: list[str], vocab_size: int = 1000, *, kind: TokenizerKind = "lm", extra_tokens: Sequence[str] = ()
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``texts``.
+    """A byte-level BPE tokenizer trained on ``texts``, with ``extra_tokens`` as special tokens.
 
     ``kind="lm"``: ``<s>``/``</s>``/``<pad>`` as BOS/EOS/pad, ``<|endoftext|>`` as the (never produced)
     unknown token, nothing added by itself. ``kind="encoder"``: ``[CLS]``/``[SEP]``/``[PAD]``, every text
@@ -78,7 +89,7 @@ def train_tokenizer(
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(specials.values()),
+        special_tokens=[*specials.values(), *extra_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -103,14 +114,15 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[Tensor
 
 
 def _encode_chat(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], spans: list[str], chat: float, seed: int
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    slots: list[list[str]],
+    chat: float,
+    seed: int,
 ) -> list[Tensor]:
     """Like :func:`_encode`, but a ``chat`` fraction of the reports comes inside stage 3's prompt:
-    ``[BOS] Human: <Img> span </Img> prompt \nAssistant: report EOS``, tokenised piece by piece as
-    :class:`ReportLM` does, with ``spans[i]`` in the image slot.
-
-    A chat model such as Qwen reads its context; this small LM learns the same habit here: the findings
-    named in the image slot decide the report, and stage 3 then puts visual tokens in that slot.
+    ``[BOS] Human: <Img> slot </Img> prompt \nAssistant: report EOS``, tokenised piece by piece as
+    :class:`ReportLM` does, with the tokens ``slots[i]`` in the image slot.
     """
     before, after = split_template(DEFAULT_TEMPLATE, DEFAULT_PROMPT)
     plain = _encode(tokenizer, texts)
@@ -118,21 +130,29 @@ def _encode_chat(
     head = tokenizer(before, add_special_tokens=False)["input_ids"]
     tail = tokenizer(after, add_special_tokens=False)["input_ids"]
     out = []
-    for sequence, span in zip(plain, spans, strict=True):
+    for sequence, slot in zip(plain, slots, strict=True):
         if torch.rand((), generator=generator) >= chat:
             out.append(sequence)
             continue
         start = 0 if tokenizer.bos_token_id is None else 1
-        span_ids = tokenizer(span, add_special_tokens=False)["input_ids"] if span else []
-        prefix = torch.tensor([*head, *span_ids, *tail], dtype=sequence.dtype)
+        prefix = torch.tensor([*head, *tokenizer.convert_tokens_to_ids(slot), *tail], dtype=sequence.dtype)
         out.append(torch.cat([sequence[:start], prefix, sequence[start:]]))
     return out
 
 
-def findings_span(report: str) -> str:
-    """The demo world's findings in a report, as words (``"cardiomegaly pleural effusion left"``)."""
-    labels = extract_labels(report)
-    return " ".join(name.replace("_", " ") for name, flag in zip(LABEL_NAMES, labels, strict=True) if flag)
+def image_slot(report: str, length: int, generator: torch.Generator) -> list[str]:
+    """The image slot of a report as the demo LM learns it: ``length`` tokens, :data:`IMAGE_TOKEN`
+    everywhere except one to three random positions per finding of the report (its
+    :data:`FINDING_TOKENS`), as visual tokens would carry a finding where it is seen.
+    """
+    slot = [IMAGE_TOKEN] * length
+    free = torch.randperm(length, generator=generator).tolist()
+    for token, flag in zip(FINDING_TOKENS, extract_labels(report), strict=True):
+        copies = int(torch.randint(1, 4, (), generator=generator))
+        for _ in range(copies * flag):
+            if free:
+                slot[free.pop()] = token
+    return slot
 
 
 def _collate(sequences: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -218,7 +238,7 @@ def train_causal_lm(
     num_heads: int = 4,
     intermediate_size: int = 256,
     max_length: int = 128,
-    spans: list[str] | None = None,
+    slots: list[list[str]] | None = None,
     chat: float = 1.0,
     steps: int = 300,
     batch_size: int = 16,
@@ -229,8 +249,9 @@ def train_causal_lm(
     """Train a small Qwen2 causal LM on ``texts`` (each as [BOS] text EOS, packed into sequences of
     ``max_length`` tokens) and save model, tokenizer and ``training.json`` to ``out_dir``.
 
-    With ``spans``, a ``chat`` fraction of the texts is wrapped in stage 3's prompt with ``spans[i]``
-    in the image slot (see :func:`_encode_chat`).
+    With ``slots``, a ``chat`` fraction of the texts is wrapped in stage 3's prompt with the tokens
+    ``slots[i]`` (from :data:`FINDING_TOKENS` and :data:`IMAGE_TOKEN`) in the image slot (see
+    :func:`_encode_chat`).
 
     ``training.json`` holds the first/last step losses, the mean per-token loss and perplexity of the
     trained model on the texts one by one, and the seconds taken.
@@ -240,7 +261,10 @@ def train_causal_lm(
     start = time.perf_counter()
     torch.manual_seed(seed)
     out = Path(out_dir)
-    trained = train_tokenizer(texts, vocab_size, kind="lm")
+    prompt = split_template(DEFAULT_TEMPLATE, DEFAULT_PROMPT)  # a real LM's vocabulary covers the prompt too
+    trained = train_tokenizer(
+        [*texts, *prompt], vocab_size, kind="lm", extra_tokens=(*FINDING_TOKENS, IMAGE_TOKEN)
+    )
     config = Qwen2Config(
         vocab_size=len(trained),
         hidden_size=hidden_size,
@@ -262,10 +286,10 @@ def train_causal_lm(
             f"{out}: the reloaded tokenizer has {len(tokenizer)} tokens, the LM {config.vocab_size}"
         )
     model = Qwen2ForCausalLM(config)
-    if spans is None:
+    if slots is None:
         sequences = _encode(tokenizer, texts)
     else:
-        sequences = _encode_chat(tokenizer, texts, spans, chat, seed)
+        sequences = _encode_chat(tokenizer, texts, slots, chat, seed)
     losses = _fit(
         model,
         sequences,
@@ -285,6 +309,7 @@ def train_causal_lm(
         "steps": steps,
         "batch_size": batch_size,
         "max_length": max_length,
+        "image_slot_tokens": len(slots[0]) if slots else None,
         "first_step_loss": losses[0],
         "last_step_loss": losses[-1],
         "corpus_loss": corpus_loss,
@@ -297,6 +322,34 @@ def train_causal_lm(
     return out
 
 
+def _pretrain_mlm(
+    model: BertForMaskedLM,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    progress: bool,
+) -> list[float]:
+    """Masked-language-model pre-training (15% of the tokens, BERT's 80/10/10 rule); returns the losses."""
+    encoded = tokenizer(texts, truncation=True)["input_ids"]
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, return_tensors="pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    losses: list[float] = []
+    model.train()
+    for _ in tqdm(range(steps), desc="text encoder (MLM)", unit="step", disable=not progress):
+        rows = torch.randint(len(encoded), (batch_size,)).tolist()
+        batch = collator([{"input_ids": encoded[row]} for row in rows])
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 def build_text_encoder(
     texts: list[str],
     out_dir: str | Path,
@@ -307,9 +360,16 @@ def build_text_encoder(
     num_heads: int = 4,
     intermediate_size: int = 128,
     max_length: int = 128,
+    mlm_steps: int = 0,
+    batch_size: int = 32,
+    lr: float = 1e-3,
     seed: int = 0,
+    progress: bool = True,
 ) -> Path:
-    """Save a randomly initialised small BERT and a tokenizer trained on ``texts`` to ``out_dir``."""
+    """Save a small BERT and a tokenizer trained on ``texts`` to ``out_dir``: pre-trained with
+    ``mlm_steps`` masked-language-model steps on ``texts`` as Bio_ClinicalBERT was on clinical notes
+    (``mlm_steps=0``: randomly initialised). ``training.json`` holds the first/last MLM losses.
+    """
     if not texts:
         raise ValueError("build_text_encoder needs at least one text")
     torch.manual_seed(seed)
@@ -324,8 +384,18 @@ def build_text_encoder(
         max_position_embeddings=max_length,
         pad_token_id=tokenizer.pad_token_id,
     )
+    encoder = BertModel(config)
     out = Path(out_dir)
-    BertModel(config).save_pretrained(out)
+    if mlm_steps > 0:
+        mlm = BertForMaskedLM(config)
+        losses = _pretrain_mlm(
+            mlm, tokenizer, texts, steps=mlm_steps, batch_size=batch_size, lr=lr, progress=progress
+        )
+        encoder.load_state_dict(mlm.bert.state_dict(), strict=False)  # all but the unused pooler
+        stats = {"mlm_steps": mlm_steps, "first_step_loss": losses[0], "last_step_loss": losses[-1]}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / TRAINING_LOG).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    encoder.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -347,6 +417,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="fraction of reports trained inside the stage-3 prompt (default: %(default)s)",
     )
+    parser.add_argument(
+        "--image-tokens",
+        type=int,
+        default=37,
+        help="length of the image slot: stage 3's visual tokens (default: %(default)s, the demo backbone's)",
+    )
+    parser.add_argument(
+        "--mlm-steps",
+        type=int,
+        default=1000,
+        help="masked-LM pre-training steps of the text encoder (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
 
 
@@ -364,8 +446,8 @@ def _train_reports(path: Path, cleaning: CleaningRule) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     name = "mambaxray-ctl build-demo-text-models"
-    if args.steps < 1:
-        print(f"{name}: error: need --steps >= 1", file=sys.stderr)
+    if args.steps < 1 or args.image_tokens < 1 or args.mlm_steps < 0:
+        print(f"{name}: error: need --steps >= 1, --image-tokens >= 1 and --mlm-steps >= 0", file=sys.stderr)
         return 1
     try:
         reports = _train_reports(Path(args.annotation), args.cleaning)
@@ -374,9 +456,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     out = Path(args.out)
     start = time.perf_counter()
-    spans = [findings_span(report) for report in reports]
+    generator = torch.Generator().manual_seed(args.seed)
+    slots = [image_slot(report, args.image_tokens, generator) for report in reports]
     lm = train_causal_lm(
-        reports, out / "lm", spans=spans, chat=args.chat, steps=args.steps, seed=args.seed, max_length=256
+        reports, out / "lm", slots=slots, chat=args.chat, steps=args.steps, seed=args.seed, max_length=256
     )
     stats = json.loads((lm / TRAINING_LOG).read_text(encoding="utf-8"))
     print(
@@ -385,6 +468,6 @@ def run(args: argparse.Namespace) -> int:
         f"loss {stats['corpus_loss']:.3f} per token (perplexity {stats['corpus_perplexity']:.2f})"
     )
     start = time.perf_counter()
-    encoder = build_text_encoder(reports, out / "text_encoder", seed=args.seed)
+    encoder = build_text_encoder(reports, out / "text_encoder", mlm_steps=args.mlm_steps, seed=args.seed)
     print(f"wrote {encoder} in {time.perf_counter() - start:.1f}s")
     return 0
