@@ -206,7 +206,7 @@ def test_generate_with_the_prompt(lm: ReportLM) -> None:
 
 
 def test_generate_respects_min_and_max_new_tokens(bare_lm: ReportLM) -> None:
-    visual = _visual(bare_lm, 3, seed=1, scale=1.0)
+    visual = _visual(bare_lm, 3, seed=1)
     free = bare_lm.generate_ids(visual, num_beams=2, min_new_tokens=0, max_new_tokens=30)
     natural = _first_eos(free, bare_lm.eos_id)
     assert max(natural) < 28  # the trained LM ends its reports by itself
