@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from mambaxray_ctl.text.demo_models import train_causal_lm
-from mambaxray_ctl.text.llm import DEFAULT_PROMPT, DEFAULT_TEMPLATE, ReportLM
+from mambaxray_ctl.text.llm import DEFAULT_PROMPT, ReportLM
 
 REPORTS = [
     "the lungs are clear .",
@@ -24,8 +24,7 @@ VISUAL_TOKENS = 3
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # The prompt is in the tokenizer corpus so that it gets merged into few tokens.
-    texts = REPORTS * 4 + [DEFAULT_TEMPLATE.replace("{prompt}", DEFAULT_PROMPT)]
+    texts = REPORTS * 4  # train_causal_lm adds the prompt to the tokenizer corpus itself
     out = tmp_path_factory.mktemp("text") / "lm"
     sizes = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_length": 32}
     return train_causal_lm(

@@ -90,9 +90,11 @@ def _text_models_current(folder: Path) -> bool:
     lm_log, encoder_log = folder / "lm" / TRAINING_LOG, folder / "text_encoder" / TRAINING_LOG
     if not (folder / "lm" / "config.json").is_file():
         return False
-    current = encoder_log.is_file() and lm_log.is_file()
-    if current:
-        current = json.loads(lm_log.read_text(encoding="utf-8")).get("image_slot_tokens") is not None
+    current = (
+        encoder_log.is_file()
+        and lm_log.is_file()
+        and json.loads(lm_log.read_text(encoding="utf-8")).get("image_slot_tokens") is not None
+    )
     if not current:
         print(f"{folder}: text models from an older recipe, rebuilding them", file=sys.stderr)
     return current

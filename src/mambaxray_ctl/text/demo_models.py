@@ -7,7 +7,8 @@
   token sequence that holds :data:`IMAGE_TOKEN` plus a few :data:`FINDING_TOKENS` (one per finding of
   the world, read from the report's text). Stage 3 then has to learn, from pixels, visual tokens
   that the frozen LM reads as those findings.
-* ``<out>/text_encoder`` — a randomly initialised BERT (stand-in for Bio_ClinicalBERT), trained in stage 2.
+* ``<out>/text_encoder`` — a small BERT (stand-in for Bio_ClinicalBERT), pre-trained here as a masked LM
+  on the reports (``--mlm-steps``; none: randomly initialised) and trained further in stage 2.
 
 Both tokenizers are byte-level BPE with Qwen2's pre-tokenisation (words split at whitespace and
 punctuation with the leading space kept, digits one by one, NFC), so any text round-trips exactly and
@@ -249,6 +250,8 @@ def train_causal_lm(
     """Train a small Qwen2 causal LM on ``texts`` (each as [BOS] text EOS, packed into sequences of
     ``max_length`` tokens) and save model, tokenizer and ``training.json`` to ``out_dir``.
 
+    The tokenizer is trained on ``texts`` plus the stage-3 prompt (so the prompt takes a few tokens, as in a
+    real LM's vocabulary) and holds :data:`FINDING_TOKENS` and :data:`IMAGE_TOKEN` as special tokens.
     With ``slots``, a ``chat`` fraction of the texts is wrapped in stage 3's prompt with the tokens
     ``slots[i]`` (from :data:`FINDING_TOKENS` and :data:`IMAGE_TOKEN`) in the image slot (see
     :func:`_encode_chat`).
