@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mambaxray_ctl.cli import main
 from mambaxray_ctl.data.cleaning import clean_report_iu_xray
@@ -94,6 +95,26 @@ def test_cardiomegaly_and_devices_are_visible() -> None:
         plain = render_lateral(normal, patient, 224, np.random.default_rng(3))
         tube = render_lateral(with_device, patient, 224, np.random.default_rng(3))
         assert (tube.astype(int) - plain > 60).sum() > 100, device
+
+
+def test_pneumothorax_deflates_the_lung_and_devices_show_at_the_demo_resolution() -> None:
+    def frontal(findings: Findings, size: int = 96) -> np.ndarray:
+        patient = sample_patient(np.random.default_rng(5), findings)
+        image = render_frontal(findings, patient, 224, np.random.default_rng(5))
+        return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR), np.float32)
+
+    normal = frontal(Findings(), 224)
+    inner_left_lung = (slice(100, 134), slice(139, 157))  # medial to the pleural line (image right)
+    denser = [
+        frontal(Findings(pneumothorax={"left": size}), 224)[inner_left_lung].mean()
+        - normal[inner_left_lung].mean()
+        for size in ("small", "large")
+    ]
+    assert 8 < denser[0] < denser[1], denser  # the deflated lung is brighter, more so when large
+    normal = frontal(Findings())
+    for device in ("endotracheal tube", "right internal jugular catheter", "left picc", "nasogastric tube"):
+        changed = np.abs(frontal(Findings(device=device)) - normal) > 20  # at the 96 px demo stages see
+        assert changed.sum() >= 40, (device, changed.sum())
 
 
 def test_world_is_deterministic_and_labelled(tmp_path: Path) -> None:

@@ -193,6 +193,26 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(world: Path) -
     torch.testing.assert_close(results[0][1], results[1][1])
 
 
+def test_mapper_starts_on_the_scale_of_the_lm_token_embeddings(world: Path) -> None:
+    from mambaxray_ctl.stages.reportgen import ReportGenModule
+
+    def build(scale: float | str) -> ReportGenModule:
+        return ReportGenModule(
+            backbone="test_arm_tiny", llm=str(world / "text" / "lm"), mapper_init_scale=scale
+        )
+
+    embeddings = build(1.0).llm.model.get_input_embeddings().weight
+    assert torch.equal(build(1.0).mapper[1].weight, torch.ones(embeddings.shape[1]))  # the anchors' LayerNorm
+    module = build("embedding_rms")
+    images = torch.randn(2, 2, 3, 64, 64)
+    visual = module.encode_visual(images)
+    token_rms, visual_rms = embeddings.pow(2).mean().sqrt(), visual.pow(2).mean().sqrt()
+    torch.testing.assert_close(visual_rms, token_rms, rtol=0.05, atol=0.0)  # LayerNorm bias starts at 0
+    for bad in (0.0, "largest"):
+        with pytest.raises(ValueError, match="mapper_init_scale"):
+            build(bad)
+
+
 def test_stage3_validation_logs_samples_metrics_and_embeddings(
     world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -98,8 +99,10 @@ def _args(annotation: Path, out: Path, steps: int = 2) -> argparse.Namespace:
 def test_tool_builds_both_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train = [{"id": str(i), "report": report.upper(), "image_path": []} for i, report in enumerate(REPORTS)]
     annotation = tmp_path / "annotation.json"
-    annotation.write_text(json.dumps({"train": train, "val": [], "test": []}))
+    annotation.write_text(json.dumps({"world_version": 7, "train": train, "val": [], "test": []}))
     assert demo_models.run(_args(annotation, tmp_path / "text")) == 0
+    build = json.loads((tmp_path / "text" / demo_models.BUILD_LOG).read_text())
+    assert build == {"recipe": demo_models.RECIPE, "annotation": str(annotation), "world_version": 7}
     assert (tmp_path / "text" / "lm" / "model.safetensors").is_file()
     assert (tmp_path / "text" / "text_encoder" / "model.safetensors").is_file()
     out = capsys.readouterr().out
@@ -125,11 +128,37 @@ def test_chat_sequences_put_the_slot_tokens_in_the_image_slot_as_report_lm_does(
     report, slot = REPORTS[0], [demo_models.IMAGE_TOKEN, "<|cardiomegaly|>"]
     slot_ids = tokenizer.convert_tokens_to_ids(slot)
     assert tokenizer.unk_token_id not in slot_ids and len(set(slot_ids)) == 2
-    (chat,) = demo_models._encode_chat(tokenizer, [report], [slot], chat=1.0, seed=0)
-    expected = [tokenizer.bos_token_id, *ids(before), *slot_ids, *ids(after), *ids(report)]
-    assert chat.tolist() == [*expected, tokenizer.eos_token_id]
-    (plain,) = demo_models._encode_chat(tokenizer, [report], [slot], chat=0.0, seed=0)
-    assert plain.tolist() == [tokenizer.bos_token_id, *ids(report), tokenizer.eos_token_id]
+    (chat,), (labels,) = demo_models._encode_chat(tokenizer, [report], [slot], chat=1.0, seed=0)
+    prefix = [tokenizer.bos_token_id, *ids(before), *slot_ids, *ids(after)]
+    assert chat.tolist() == [*prefix, *ids(report), tokenizer.eos_token_id]
+    assert labels.tolist() == [-100] * len(prefix) + [*ids(report), tokenizer.eos_token_id]  # as stage 3
+    (plain,), (plain_labels,) = demo_models._encode_chat(tokenizer, [report], [slot], chat=0.0, seed=0)
+    assert (
+        plain.tolist()
+        == plain_labels.tolist()
+        == [tokenizer.bos_token_id, *ids(report), tokenizer.eos_token_id]
+    )
+
+
+def test_chat_batches_keep_each_report_with_its_own_image_slot() -> None:
+    sequences = [torch.arange(n) for n in (5, 3, 7)]
+    labels = [torch.cat([torch.full((2,), -100), s[2:]]) for s in sequences]
+    generator = torch.Generator().manual_seed(0)
+    batches = demo_models._batches(
+        sequences, labels, max_length=4, batch_size=2, pad_id=99, generator=generator
+    )
+    seen = []
+    for ids, mask, targets in itertools.islice(batches, 3):  # 6 rows = two shuffled passes
+        for row, row_mask, row_targets in zip(ids, mask, targets, strict=True):
+            length = int(row_mask.sum())
+            assert row[:length].tolist() == list(range(length)) and (row[length:] == 99).all()
+            assert row_targets[:2].tolist() == [-100, -100] and (row_targets[length:] == -100).all()
+            assert row_targets[2:length].tolist() == list(range(2, length))
+            seen.append(length)
+    assert sorted(seen) == [3, 3, 5, 5, 7, 7]
+    packed = demo_models._batches(sequences, None, max_length=4, batch_size=2, pad_id=99, generator=generator)
+    ids, mask, targets = next(packed)  # text-only LMs pack: no padding, no mask
+    assert ids.shape == (2, 4) and mask is None and torch.equal(ids, targets)
 
 
 def test_image_slot_holds_one_to_three_tokens_per_positive_finding() -> None:
@@ -175,18 +204,43 @@ def test_demo_lm_writes_the_findings_its_image_slot_names(tmp_path: Path) -> Non
     assert f1_score(truth, predicted, average="macro", zero_division=0) > 0.85
 
 
-def test_demo_rebuilds_text_models_of_an_older_recipe(
+def test_demo_rebuilds_text_models_of_an_older_recipe_or_world(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from mambaxray_ctl.demo import _text_models_current
 
     (tmp_path / "lm").mkdir()
-    (tmp_path / "text_encoder").mkdir()
-    assert not _text_models_current(tmp_path)  # nothing built yet
+    assert not _text_models_current(tmp_path, 2)  # nothing built yet
     (tmp_path / "lm" / "config.json").write_text("{}")
-    (tmp_path / "lm" / "training.json").write_text(json.dumps({"image_slot_tokens": None}))
-    assert not _text_models_current(tmp_path)
+    assert not _text_models_current(tmp_path, 2)  # built before build.json existed
     assert "older recipe" in capsys.readouterr().err
-    (tmp_path / "lm" / "training.json").write_text(json.dumps({"image_slot_tokens": 37}))
-    (tmp_path / "text_encoder" / "training.json").write_text(json.dumps({"mlm_steps": 1000}))
-    assert _text_models_current(tmp_path)
+    build = tmp_path / demo_models.BUILD_LOG
+    build.write_text(json.dumps({"recipe": demo_models.RECIPE - 1, "world_version": 2}))
+    assert not _text_models_current(tmp_path, 2)
+    build.write_text(json.dumps({"recipe": demo_models.RECIPE, "world_version": 1}))
+    assert not _text_models_current(tmp_path, 2)
+    build.write_text(json.dumps({"recipe": demo_models.RECIPE, "world_version": 2}))
+    assert _text_models_current(tmp_path, 2)
+
+
+def test_demo_regenerates_a_world_of_an_older_version_and_its_text_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mambaxray_ctl import cli
+    from mambaxray_ctl.data.demo_world import WORLD_VERSION
+    from mambaxray_ctl.demo import prepare_demo_data
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv[0]) or 0)
+    annotation = tmp_path / "annotation.json"
+    annotation.write_text(json.dumps({"train": []}))  # written before worlds had a version
+    (tmp_path / "text" / "lm").mkdir(parents=True)
+    (tmp_path / "text" / "lm" / "config.json").write_text("{}")
+    build = {"recipe": demo_models.RECIPE, "world_version": WORLD_VERSION}
+    (tmp_path / "text" / demo_models.BUILD_LOG).write_text(json.dumps(build))
+    assert prepare_demo_data(tmp_path, 10, 0, {})
+    assert calls == ["make-demo-data", "build-demo-text-models"]  # text models follow the world
+    assert "older version" in capsys.readouterr().err
+    calls.clear()
+    annotation.write_text(json.dumps({"world_version": WORLD_VERSION, "train": []}))
+    assert prepare_demo_data(tmp_path, 10, 0, {}) and calls == []  # both current: nothing rebuilt

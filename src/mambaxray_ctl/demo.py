@@ -67,36 +67,48 @@ def stage_args(configs: Path, data: Path, out: Path, config: str) -> list[str]:
 
 
 def prepare_demo_data(data: Path, studies: int, seed: int, timings: dict[str, float]) -> bool:
-    """Generate the world and build its text models unless present; False on failure."""
+    """Generate the world and build its text models unless current; False on failure."""
     from mambaxray_ctl.cli import main
+    from mambaxray_ctl.data.demo_world import WORLD_VERSION
 
     annotation = data / "annotation.json"
-    if not annotation.is_file():
+    rebuild_text = False
+    if _world_version(annotation) != WORLD_VERSION:
+        if annotation.is_file():
+            print(f"{data}: a synthetic world of an older version, regenerating it", file=sys.stderr)
         world = ["make-demo-data", "--out", str(data), "--n", str(studies), "--seed", str(seed)]
         if _timed("synthetic world", timings, lambda: main(world)) != 0:
             return False
-    if not _text_models_current(data / "text"):
+        rebuild_text = True
+    if rebuild_text or not _text_models_current(data / "text", WORLD_VERSION):
         text = ["build-demo-text-models", "--annotation", str(annotation), "--out", str(data / "text")]
         if _timed("text models", timings, lambda: main(text)) != 0:
             return False
     return True
 
 
-def _text_models_current(folder: Path) -> bool:
-    """Whether ``folder`` holds text models of the current recipe (an LM trained with the image-slot
-    tokens and a pre-trained text encoder); models from an older recipe are rebuilt, with a notice."""
-    from mambaxray_ctl.text.demo_models import TRAINING_LOG
+def _world_version(annotation: Path) -> int | None:
+    """The ``world_version`` of a demo annotation file (None when absent or unreadable)."""
+    try:
+        return json.loads(annotation.read_text(encoding="utf-8")).get("world_version")
+    except (OSError, ValueError, AttributeError):
+        return None
 
-    lm_log, encoder_log = folder / "lm" / TRAINING_LOG, folder / "text_encoder" / TRAINING_LOG
+
+def _text_models_current(folder: Path, world_version: int) -> bool:
+    """Whether ``folder`` holds text models of the current recipe built on this world version; others
+    are rebuilt, with a notice."""
+    from mambaxray_ctl.text.demo_models import BUILD_LOG, RECIPE
+
     if not (folder / "lm" / "config.json").is_file():
         return False
-    current = (
-        encoder_log.is_file()
-        and lm_log.is_file()
-        and json.loads(lm_log.read_text(encoding="utf-8")).get("image_slot_tokens") is not None
-    )
+    try:
+        build = json.loads((folder / BUILD_LOG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        build = {}
+    current = build.get("recipe") == RECIPE and build.get("world_version") == world_version
     if not current:
-        print(f"{folder}: text models from an older recipe, rebuilding them", file=sys.stderr)
+        print(f"{folder}: text models from an older recipe or world, rebuilding them", file=sys.stderr)
     return current
 
 

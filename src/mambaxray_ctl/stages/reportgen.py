@@ -62,6 +62,7 @@ class ReportGenModule(BackboneStage):
         ctl_temperature: float = 0.07,
         ctl_include_padding: bool = False,
         ctl_gather: bool = True,
+        mapper_init_scale: float | Literal["embedding_rms"] = 1.0,
         num_beams: int = 5,
         min_new_tokens: int = 40,
         max_new_tokens: int = 100,
@@ -101,6 +102,7 @@ class ReportGenModule(BackboneStage):
             self.llm.model.gradient_checkpointing_enable({"use_reentrant": False})
         hidden = self.llm.hidden_size
         self.mapper = nn.Sequential(nn.Linear(self.backbone.config.embed_dim, hidden), nn.LayerNorm(hidden))
+        nn.init.constant_(self.mapper[1].weight, self._mapper_scale(mapper_init_scale))
         self.text_proj = nn.Linear(hidden, hidden)
         self.labeler = load_labeler(labeler) if labeler else None
         self.val_metrics = self._make_metrics()
@@ -112,6 +114,15 @@ class ReportGenModule(BackboneStage):
         if self.labeler is not None:
             metrics["clinical"] = ClinicalEfficacy(self.labeler.label_names)
         return metrics
+
+    def _mapper_scale(self, scale: float | str) -> float:
+        """The mapper LayerNorm's initial gain: a number, or the RMS of the LM's input embeddings."""
+        if scale == "embedding_rms":
+            weight = self.llm.model.get_input_embeddings().weight
+            return float(weight.detach().float().pow(2).mean().sqrt())
+        if isinstance(scale, str) or scale <= 0:
+            raise ValueError(f"mapper_init_scale must be a positive number or 'embedding_rms', got {scale!r}")
+        return float(scale)
 
     # Model --------------------------------------------------------------------------------------------------
     def encode_visual(self, images: Tensor, view_mask: Tensor | None = None) -> Tensor:

@@ -30,9 +30,9 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -64,6 +64,8 @@ SPECIAL_TOKENS: dict[str, dict[str, str]] = {
 }
 MAX_POSITIONS = 512  # room for the stage-3 prefix (prompt + 197 visual tokens) plus the report
 TRAINING_LOG = "training.json"
+BUILD_LOG = "build.json"  # in the tool's output folder: the recipe and the world the models were built on
+RECIPE = 2  # bumped whenever the tool trains the text models differently
 # The demo LM's image-slot vocabulary: one token per finding of the world, and a token for "nothing here".
 FINDING_TOKENS = tuple(f"<|{name}|>" for name in LABEL_NAMES)
 IMAGE_TOKEN = "<|image|>"
@@ -120,25 +122,30 @@ def _encode_chat(
     slots: list[list[str]],
     chat: float,
     seed: int,
-) -> list[Tensor]:
+) -> tuple[list[Tensor], list[Tensor]]:
     """Like :func:`_encode`, but a ``chat`` fraction of the reports comes inside stage 3's prompt:
     ``[BOS] Human: <Img> slot </Img> prompt \nAssistant: report EOS``, tokenised piece by piece as
     :class:`ReportLM` does, with the tokens ``slots[i]`` in the image slot.
+
+    Returns the id sequences and their labels: the ids, with -100 on the prompt and image slot as
+    stage 3's loss has them.
     """
     before, after = split_template(DEFAULT_TEMPLATE, DEFAULT_PROMPT)
     plain = _encode(tokenizer, texts)
     generator = torch.Generator().manual_seed(seed)
     head = tokenizer(before, add_special_tokens=False)["input_ids"]
     tail = tokenizer(after, add_special_tokens=False)["input_ids"]
-    out = []
+    sequences, labels = [], []
     for sequence, slot in zip(plain, slots, strict=True):
         if torch.rand((), generator=generator) >= chat:
-            out.append(sequence)
+            sequences.append(sequence)
+            labels.append(sequence)
             continue
         start = 0 if tokenizer.bos_token_id is None else 1
         prefix = torch.tensor([*head, *tokenizer.convert_tokens_to_ids(slot), *tail], dtype=sequence.dtype)
-        out.append(torch.cat([sequence[:start], prefix, sequence[start:]]))
-    return out
+        sequences.append(torch.cat([sequence[:start], prefix, sequence[start:]]))
+        labels.append(torch.cat([torch.full((start + len(prefix),), -100), sequence[start:]]))
+    return sequences, labels
 
 
 def image_slot(report: str, length: int, generator: torch.Generator) -> list[str]:
@@ -156,33 +163,64 @@ def image_slot(report: str, length: int, generator: torch.Generator) -> list[str
     return slot
 
 
-def _collate(sequences: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded input ids, attention mask and labels (-100 on padding)."""
+def _collate(
+    sequences: list[Tensor], pad_id: int, labels: list[Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded input ids, attention mask and labels (``labels`` or the ids; -100 on padding)."""
     ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad_id)
+    targets = torch.nn.utils.rnn.pad_sequence(labels or sequences, batch_first=True, padding_value=-100)
     mask = torch.zeros_like(ids)
     for row, sequence in enumerate(sequences):
         mask[row, : len(sequence)] = 1
-    return ids, mask, ids.masked_fill(mask == 0, -100)
+    return ids, mask, targets.masked_fill(mask == 0, -100)
+
+
+def _batches(
+    sequences: list[Tensor],
+    labels: list[Tensor] | None,
+    *,
+    max_length: int,
+    batch_size: int,
+    pad_id: int,
+    generator: torch.Generator,
+) -> Iterator[tuple[Tensor, Tensor | None, Tensor]]:
+    """Endless training batches (ids, attention mask, labels) over shuffled passes of the sequences.
+
+    Without ``labels`` the sequences are concatenated and cut into ``batch_size`` blocks of
+    ``max_length`` tokens (packing: no padding, no mask). With ``labels`` each row is one sequence,
+    padded, as stage 3 feeds them: packing would put a report in a block without its image slot, or
+    after the slot of another study, and teach the LM that the slot cannot be trusted.
+    """
+    stream = torch.empty(0, dtype=torch.long)
+    order: list[int] = []
+    while True:
+        if labels is None:
+            need = batch_size * max_length
+            while len(stream) < need:
+                stream = torch.cat(
+                    [
+                        stream,
+                        *(sequences[i] for i in torch.randperm(len(sequences), generator=generator).tolist()),
+                    ]
+                )
+            batch, stream = stream[:need].view(batch_size, max_length), stream[need:]
+            yield batch, None, batch
+            continue
+        if len(order) < batch_size:
+            order += torch.randperm(len(sequences), generator=generator).tolist()
+        rows, order = order[:batch_size], order[batch_size:]
+        yield _collate([sequences[i] for i in rows], pad_id, [labels[i] for i in rows])
 
 
 def _fit(
     model: Qwen2ForCausalLM,
-    sequences: list[Tensor],
+    batches: Iterator[tuple[Tensor, Tensor | None, Tensor]],
     *,
-    max_length: int,
     steps: int,
-    batch_size: int,
     lr: float,
-    seed: int,
     progress: bool,
 ) -> list[float]:
-    """AdamW with linear warm-up and cosine decay; returns the step losses.
-
-    The texts are shuffled, concatenated and cut into ``batch_size`` blocks of ``max_length`` tokens
-    (packing: no padding, and the LM learns to start a report after unrelated context, as it must
-    after the stage-3 prompt and visual tokens).
-    """
-    generator = torch.Generator().manual_seed(seed)
+    """AdamW with linear warm-up and cosine decay over ``steps`` of ``batches``; returns the step losses."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
 
@@ -192,17 +230,11 @@ def _fit(
         return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    need = batch_size * max_length
-    stream = torch.empty(0, dtype=torch.long)
     losses: list[float] = []
     model.train()
     bar = tqdm(range(steps), desc="report LM", unit="step", disable=not progress)
-    for _ in bar:
-        while len(stream) < need:
-            order = torch.randperm(len(sequences), generator=generator).tolist()
-            stream = torch.cat([stream, *(sequences[i] for i in order)])
-        batch, stream = stream[:need].view(batch_size, max_length), stream[need:]
-        loss = model(input_ids=batch, labels=batch).loss
+    for _, (ids, mask, labels) in zip(bar, batches, strict=False):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -215,13 +247,20 @@ def _fit(
 
 
 @torch.no_grad()
-def _corpus_loss(model: Qwen2ForCausalLM, sequences: list[Tensor], pad_id: int, batch_size: int) -> float:
-    """Mean next-token cross-entropy over every predicted token of the corpus."""
+def _corpus_loss(
+    model: Qwen2ForCausalLM,
+    sequences: list[Tensor],
+    labels: list[Tensor] | None,
+    pad_id: int,
+    batch_size: int,
+) -> float:
+    """Mean next-token cross-entropy over the labelled tokens (all tokens without ``labels``)."""
     total, count = 0.0, 0
     for start in range(0, len(sequences), batch_size):
-        ids, mask, labels = _collate(sequences[start : start + batch_size], pad_id)
+        rows = slice(start, start + batch_size)
+        ids, mask, targets_all = _collate(sequences[rows], pad_id, labels[rows] if labels else None)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        targets = labels[:, 1:]
+        targets = targets_all[:, 1:]
         total += torch.nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
         ).item()
@@ -289,21 +328,22 @@ def train_causal_lm(
             f"{out}: the reloaded tokenizer has {len(tokenizer)} tokens, the LM {config.vocab_size}"
         )
     model = Qwen2ForCausalLM(config)
+    labels = None
     if slots is None:
         sequences = _encode(tokenizer, texts)
     else:
-        sequences = _encode_chat(tokenizer, texts, slots, chat, seed)
-    losses = _fit(
-        model,
+        sequences, labels = _encode_chat(tokenizer, texts, slots, chat, seed)
+    generator = torch.Generator().manual_seed(seed)
+    batches = _batches(
         sequences,
+        labels,
         max_length=max_length,
-        steps=steps,
         batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        progress=progress,
+        pad_id=tokenizer.pad_token_id,
+        generator=generator,
     )
-    corpus_loss = _corpus_loss(model, sequences, tokenizer.pad_token_id, batch_size=64)
+    losses = _fit(model, batches, steps=steps, lr=lr, progress=progress)
+    corpus_loss = _corpus_loss(model, sequences, labels, tokenizer.pad_token_id, batch_size=64)
     stats = {
         "texts": len(sequences),
         "tokens_per_text": sum(map(len, sequences)) / len(sequences),
@@ -408,7 +448,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--annotation", default="data/demo/annotation.json", help="R2Gen annotation (default: %(default)s)"
     )
     parser.add_argument("--out", default="data/demo/text", help="output folder (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=1000, help="LM training steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=2000, help="LM training steps (default: %(default)s)")
     parser.add_argument(
         "--cleaning",
         default="iu_xray",
@@ -435,7 +475,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
 
 
-def _train_reports(path: Path, cleaning: CleaningRule) -> list[str]:
+def _train_reports(path: Path, cleaning: CleaningRule) -> tuple[list[str], Any]:
+    """The cleaned training reports of an annotation file, and its ``world_version`` (if any)."""
     with path.open(encoding="utf-8") as f:
         annotation = json.load(f)
     entries = annotation.get("train") if isinstance(annotation, dict) else None
@@ -444,7 +485,7 @@ def _train_reports(path: Path, cleaning: CleaningRule) -> list[str]:
     reports = [clean_report(entry["report"], cleaning) for entry in entries if entry["report"]]
     if not reports:
         raise ValueError("no train reports")
-    return reports
+    return reports, annotation.get("world_version")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -453,7 +494,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: error: need --steps >= 1, --image-tokens >= 1 and --mlm-steps >= 0", file=sys.stderr)
         return 1
     try:
-        reports = _train_reports(Path(args.annotation), args.cleaning)
+        reports, world_version = _train_reports(Path(args.annotation), args.cleaning)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"{name}: error: cannot read train reports from {args.annotation}: {exc}", file=sys.stderr)
         return 1
@@ -473,4 +514,6 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     encoder = build_text_encoder(reports, out / "text_encoder", mlm_steps=args.mlm_steps, seed=args.seed)
     print(f"wrote {encoder} in {time.perf_counter() - start:.1f}s")
+    build = {"recipe": RECIPE, "annotation": str(args.annotation), "world_version": world_version}
+    (out / BUILD_LOG).write_text(json.dumps(build, indent=2) + "\n", encoding="utf-8")
     return 0
