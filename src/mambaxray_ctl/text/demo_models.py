@@ -293,10 +293,11 @@ def train_causal_lm(
     real LM's vocabulary) and holds :data:`FINDING_TOKENS` and :data:`IMAGE_TOKEN` as special tokens.
     With ``slots``, a ``chat`` fraction of the texts is wrapped in stage 3's prompt with the tokens
     ``slots[i]`` (from :data:`FINDING_TOKENS` and :data:`IMAGE_TOKEN`) in the image slot (see
-    :func:`_encode_chat`).
+    :func:`_encode_chat`); then each batch row is one padded sequence and the loss covers the report
+    tokens only, exactly as stage 3 (see :func:`_batches`; ``max_length`` only applies to packing).
 
-    ``training.json`` holds the first/last step losses, the mean per-token loss and perplexity of the
-    trained model on the texts one by one, and the seconds taken.
+    ``training.json`` holds the first/last step losses, the mean per-token loss (over the labelled
+    tokens) and perplexity of the trained model on the texts one by one, and the seconds taken.
     """
     if not texts or steps < 1:
         raise ValueError(f"train_causal_lm needs texts and steps >= 1, got {len(texts)} texts, {steps} steps")
