@@ -191,25 +191,23 @@ def _batches(
     padded, as stage 3 feeds them: packing would put a report in a block without its image slot, or
     after the slot of another study, and teach the LM that the slot cannot be trusted.
     """
-    stream = torch.empty(0, dtype=torch.long)
-    order: list[int] = []
+
+    def shuffled() -> list[int]:
+        return torch.randperm(len(sequences), generator=generator).tolist()
+
+    need = batch_size * max_length
+    stream, order = torch.empty(0, dtype=torch.long), []
     while True:
         if labels is None:
-            need = batch_size * max_length
             while len(stream) < need:
-                stream = torch.cat(
-                    [
-                        stream,
-                        *(sequences[i] for i in torch.randperm(len(sequences), generator=generator).tolist()),
-                    ]
-                )
+                stream = torch.cat([stream, *(sequences[i] for i in shuffled())])
             batch, stream = stream[:need].view(batch_size, max_length), stream[need:]
             yield batch, None, batch
-            continue
-        if len(order) < batch_size:
-            order += torch.randperm(len(sequences), generator=generator).tolist()
-        rows, order = order[:batch_size], order[batch_size:]
-        yield _collate([sequences[i] for i in rows], pad_id, [labels[i] for i in rows])
+        else:
+            if len(order) < batch_size:
+                order += shuffled()
+            rows, order = order[:batch_size], order[batch_size:]
+            yield _collate([sequences[i] for i in rows], pad_id, [labels[i] for i in rows])
 
 
 def _fit(
