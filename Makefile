@@ -60,13 +60,8 @@ bench: setup  ## benchmarks: tables printed, JSON written to bench/results/
 demo: setup  ## the whole pipeline on the synthetic world, on a CPU: data, 3 stages, predictions, metrics table
 	$(CLI) demo
 
-demo-data: setup data/demo/text/lm/config.json  ## generate the synthetic world and its small text models
-
-data/demo/annotation.json:
-	$(CLI) make-demo-data --out data/demo --n 2400 --seed 0
-
-data/demo/text/lm/config.json: data/demo/annotation.json
-	$(CLI) build-demo-text-models --annotation data/demo/annotation.json --out data/demo/text
+demo-data: setup  ## generate the synthetic world and its small text models (rebuilt when of an older version)
+	$(CLI) demo --data-only
 
 stage1: setup $(DEMO_DATA)  ## stage 1 (ARM pretraining) on DATA; export -> outputs/DATA/stage1/version_*/
 	$(CLI) fit $(call configs,stage1_arm) $(ARGS)

@@ -245,3 +245,18 @@ def test_demo_regenerates_a_world_of_an_older_version_and_its_text_models(
     calls.clear()
     annotation.write_text(json.dumps({"world_version": WORLD_VERSION, "train": []}))
     assert prepare_demo_data(tmp_path, 10, 0, {}) and calls == []  # both current: nothing rebuilt
+
+
+def test_demo_data_only_prepares_the_world_and_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mambaxray_ctl import cli, demo
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv[0]) or 0)
+    monkeypatch.setattr(demo, "run_pipeline", lambda *args: pytest.fail("--data-only ran the stages"))
+    parser = argparse.ArgumentParser()
+    demo.configure_parser(parser)
+    assert demo.run(parser.parse_args(["--data", str(tmp_path), "--data-only"])) == 0
+    assert calls == ["make-demo-data", "build-demo-text-models"]
+    assert "are current" in capsys.readouterr().out

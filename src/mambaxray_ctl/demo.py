@@ -41,6 +41,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--studies", type=int, default=2400, help="studies in the world (default: 2400)")
     parser.add_argument("--seed", type=int, default=0, help="world seed (default: 0)")
     parser.add_argument(
+        "--data-only",
+        action="store_true",
+        help="only generate the world and its text models, or rebuild those of an older version",
+    )
+    parser.add_argument(
         "--override",
         action="append",
         default=[],
@@ -204,6 +209,9 @@ def run(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
     if not prepare_demo_data(data, args.studies, args.seed, timings):
         return 1
+    if args.data_only:
+        print(f"{data}: the synthetic world and its text models are current")
+        return 0
     predictions, run_dirs = run_pipeline(configs, data, out, FULL_METHOD, _overrides(args.override), timings)
 
     annotation = json.loads((data / "annotation.json").read_text())
