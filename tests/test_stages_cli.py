@@ -201,8 +201,9 @@ def test_mapper_starts_on_the_scale_of_the_lm_token_embeddings(world: Path) -> N
             backbone="test_arm_tiny", llm=str(world / "text" / "lm"), mapper_init_scale=scale
         )
 
-    embeddings = build(1.0).llm.model.get_input_embeddings().weight
-    assert torch.equal(build(1.0).mapper[1].weight, torch.ones(embeddings.shape[1]))  # the anchors' LayerNorm
+    anchors = build(1.0)
+    embeddings = anchors.llm.model.get_input_embeddings().weight
+    assert torch.equal(anchors.mapper[1].weight, torch.ones(embeddings.shape[1]))  # the anchors' LayerNorm
     module = build("embedding_rms")
     images = torch.randn(2, 2, 3, 64, 64)
     visual = module.encode_visual(images)

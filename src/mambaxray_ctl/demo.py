@@ -92,12 +92,18 @@ def prepare_demo_data(data: Path, studies: int, seed: int, timings: dict[str, fl
     return True
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; empty when the file is absent, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _world_version(annotation: Path) -> int | None:
     """The ``world_version`` of a demo annotation file (None when absent or unreadable)."""
-    try:
-        return json.loads(annotation.read_text(encoding="utf-8")).get("world_version")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return _json_object(annotation).get("world_version")
 
 
 def _text_models_current(folder: Path, world_version: int) -> bool:
@@ -107,10 +113,7 @@ def _text_models_current(folder: Path, world_version: int) -> bool:
 
     if not (folder / "lm" / "config.json").is_file():
         return False
-    try:
-        build = json.loads((folder / BUILD_LOG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        build = {}
+    build = _json_object(folder / BUILD_LOG)
     current = build.get("recipe") == RECIPE and build.get("world_version") == world_version
     if not current:
         print(f"{folder}: text models from an older recipe or world, rebuilding them", file=sys.stderr)

@@ -451,11 +451,12 @@ def render_frontal(findings: Findings, patient: Patient, size: int, rng: np.rand
             top = dome - h * (0.6 + 0.6 * np.clip(u, -0.5, 1.0))
             air *= 1.0 - 0.95 * _soft(top - y, 0.02)
         if side in findings.pneumothorax:
-            w = 0.18 + 0.14 * _SIZE_SCALE[findings.pneumothorax[side]]
+            scale = _SIZE_SCALE[findings.pneumothorax[side]]
+            w = 0.18 + 0.14 * scale
             rho = np.sqrt(u**2 + v**2)
             region = (np.clip((u + 0.2) / 0.3, 0, 1) * np.clip((0.45 - v) / 0.3, 0, 1)) > 0.5
             rim = lung * region * (rho > 1.0 - w)
-            collapse = 0.2 + 0.15 * _SIZE_SCALE[findings.pneumothorax[side]]  # the deflated lung is denser
+            collapse = 0.2 + 0.15 * scale  # the deflated lung is denser
             air = np.where(rim > 0, 1.3 * lung, air * (1.0 - collapse))
             bones = bones + 0.2 * lung * region * (np.abs(rho - (1.0 - w)) * a < 1.2 / size)
         for lobe in findings.consolidation:

@@ -350,7 +350,7 @@ def train_causal_lm(
         "parameters": sum(p.numel() for p in model.parameters()),
         "steps": steps,
         "batch_size": batch_size,
-        "max_length": max_length,
+        "max_length": max_length if labels is None else None,  # packing only
         "image_slot_tokens": len(slots[0]) if slots else None,
         "first_step_loss": losses[0],
         "last_step_loss": losses[-1],
@@ -501,9 +501,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(args.seed)
     slots = [image_slot(report, args.image_tokens, generator) for report in reports]
-    lm = train_causal_lm(
-        reports, out / "lm", slots=slots, chat=args.chat, steps=args.steps, seed=args.seed, max_length=256
-    )
+    lm = train_causal_lm(reports, out / "lm", slots=slots, chat=args.chat, steps=args.steps, seed=args.seed)
     stats = json.loads((lm / TRAINING_LOG).read_text(encoding="utf-8"))
     print(
         f"wrote {lm} in {time.perf_counter() - start:.1f}s: {stats['parameters']:,} parameters, "
