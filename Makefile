@@ -40,8 +40,20 @@ $(VENV)/.installed: pyproject.toml
 		echo "torchvision/timm got installed: they break the CPU torch (see README)"; exit 1; fi
 	touch $@
 
-setup-cuda:  ## in an active CUDA environment (environment.yml): add mamba-ssm's CUDA kernels
-	pip install --no-build-isolation -e '.[cuda]'
+# mamba-ssm's kernel (selective_scan_cuda) is compiled against $(VENV)'s torch: MAMBA_FORCE_BUILD skips
+# mamba-ssm's download of a prebuilt wheel, MAMBA_KEEP_CUDA_BUILD makes releases that build the kernel
+# only on request build it, and --no-binary stops pip reusing a cached mamba-ssm wheel built without it.
+setup-cuda:  ## add mamba-ssm with its CUDA kernel to the venv (VENV; needs a CUDA torch there, and nvcc)
+	@test -x $(VENV)/bin/pip || { echo "no $(VENV)/bin/pip: run 'make setup TORCH_SPEC=torch' first"; exit 1; }
+	@$(PY) -c "import sys, torch; sys.exit(None if torch.version.cuda else \
+		'setup-cuda: the torch in $(VENV) is a CPU build; rebuild it: rm -rf $(VENV) && make setup TORCH_SPEC=torch')"
+	@$(PY) -c "import sys; from torch.utils.cpp_extension import CUDA_HOME; sys.exit(None if CUDA_HOME else \
+		'setup-cuda: no CUDA toolkit found (nvcc): install one matching torch.version.cuda or set CUDA_HOME')"
+	$(VENV)/bin/pip install --quiet --upgrade 'setuptools>=77' wheel packaging
+	$(VENV)/bin/pip uninstall --yes mamba-ssm
+	MAMBA_FORCE_BUILD=TRUE MAMBA_KEEP_CUDA_BUILD=TRUE \
+		$(VENV)/bin/pip install --no-build-isolation --no-binary mamba-ssm -e '.[cuda]'
+	$(PY) -c "from mambaxray_ctl.ops.cuda import require_mamba_ssm; require_mamba_ssm(); print('mamba-ssm kernel: OK')"
 
 test: setup  ## run the fast test suite
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
@@ -82,6 +94,19 @@ ablation: setup  ## Table II rows (stage-1 choice, stage 2 on/off, CTL-FT on/off
 
 evaluate: setup  ## score PRED=path/to/predictions.jsonl with the paper's protocol
 	$(CLI) evaluate $(PRED) --dataset $(DATA)
+
+.PHONY: profile gpu-check gpu-check-prepare
+# `make profile` options (mambaxray-ctl profile --help); on a GPU, e.g. PROFILE="--stage 3 --gradient-checkpointing".
+PROFILE    ?= --stage 3 --batch-size 2 --steps 3
+
+profile: setup  ## a few training steps of a stage at paper size, random weights: memory, s/step, projected run time
+	$(CLI) profile $(PROFILE) $(ARGS)
+
+gpu-check-prepare:  ## download what the GPU check needs but a bare GPU machine lacks into build/gpu-check/
+	scripts/gpu_check.sh prepare
+
+gpu-check:  ## on a GPU machine (no venv needed, build/gpu-check carried): kernels, paper-size steps, DDP
+	scripts/gpu_check.sh
 
 clean:  ## remove caches (not the venv, not data)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -126,14 +126,38 @@ def test_truncated_png_found_at_load_time(tmp_path: Path, caplog: pytest.LogCapt
         for batch in lenient.train_dataloader():
             batches.append(lenient.on_before_batch_transfer(batch, 0))
         lenient.report_load_failures()
-    assert [b["ids"] for b in batches] == [["train_0", "train_1"], ["train_3"]]
-    assert batches[1]["images"].shape[0] == 1 and "failed" not in batches[1]
+    # train_2 is replaced by the next sample that decodes: every batch keeps its size (DDP gathers)
+    assert [b["ids"] for b in batches] == [["train_0", "train_1"], ["train_3", "train_3"]]
+    assert batches[1]["images"].shape[0] == 2 and "failed" not in batches[1]
     assert lenient.skipped_at_load == {"undecodable_image": 1}
     assert "load: samples skipped at load time: undecodable_image=1" in caplog.text
     assert [r["id"] for r in _skipped(tmp_path)] == ["train_2"]
     decoded = _module(annotation, tmp_path, image_check="decode")  # a full decode at setup finds it
     with pytest.raises(DataValidationError, match="unreadable_image=1"):
         decoded.setup("fit")
+
+
+def test_consecutive_bad_images_are_each_recorded_once_and_a_broken_folder_fails(tmp_path: Path) -> None:
+    annotation, data = make_dataset(tmp_path, counts=(6, 2, 2))
+    for index in (2, 3):
+        write_truncated_png(tmp_path / "images" / data["train"][index]["image_path"][0])
+    dm = _module(annotation, tmp_path, shuffle=False, on_invalid="skip")
+    dm.setup("fit")
+    dataset = dm.dataset("train")
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert [s["id"] for s in samples] == ["train_0", "train_1", "train_4", "train_4", "train_4", "train_5"]
+    assert [[p.id for p in s.get("failed", [])] for s in samples] == [
+        [],
+        [],
+        ["train_2"],
+        ["train_3"],
+        [],
+        [],
+    ]
+    for entry in data["train"]:
+        write_truncated_png(tmp_path / "images" / entry["image_path"][0])
+    with pytest.raises(DataValidationError, match=r"id=train_0 .*none of the next 5 samples decodes"):
+        dataset[0]
 
 
 def test_missing_split_and_bad_files(tmp_path: Path) -> None:

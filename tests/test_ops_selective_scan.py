@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
 import math
 import sys
 import types
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +19,8 @@ from mambaxray_ctl.ops.cpu_fused import cpu_fused_available, selective_scan_cpu_
 from mambaxray_ctl.ops.reference import selective_scan_reference
 from mambaxray_ctl.ops.selective_scan import resolve_impl, selective_scan
 
+# The dispatcher module (the package attribute of that name is the function).
+dispatcher = importlib.import_module("mambaxray_ctl.ops.selective_scan")
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 TOLERANCE = {torch.float64: {"atol": 1e-10, "rtol": 1e-10}, torch.float32: {"atol": 1e-5, "rtol": 1e-4}}
 
@@ -114,6 +119,55 @@ def clear_build_cache() -> Iterator[None]:
     cpu_fused._build_error.cache_clear()
     yield
     cpu_fused._build_error.cache_clear()
+
+
+@pytest.fixture
+def fresh_mamba_ssm() -> Iterator[None]:
+    """Forget the cached mamba-ssm import and the once-per-process fallback warning, before and after."""
+
+    def clear() -> None:
+        cuda._import_selective_scan_fn.cache_clear()
+        dispatcher._warn_reference_on_cuda.cache_clear()
+
+    clear()
+    yield
+    clear()
+
+
+def fake_mamba_ssm(
+    monkeypatch: pytest.MonkeyPatch,
+    interface: types.ModuleType | None = None,
+    extension: types.ModuleType | None = None,
+) -> None:
+    """Put a fake ``mamba_ssm.ops.selective_scan_interface`` and compiled ``selective_scan_cuda`` in
+    ``sys.modules``; ``None`` makes that import fail as for a module that is not there."""
+    for name in ("mamba_ssm", "mamba_ssm.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", interface)
+    monkeypatch.setitem(sys.modules, "selective_scan_cuda", extension)
+
+
+class _NotInstalled(importlib.abc.MetaPathFinder):
+    """Finds every module of one top-level package missing, as when that package is not installed."""
+
+    def __init__(self, package: str) -> None:
+        self.package = package
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name.partition(".")[0] == self.package:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def uninstall_mamba_ssm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m.partition(".")[0] == "mamba_ssm"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_NotInstalled("mamba_ssm"), *sys.meta_path])
+
+
+def interface_with(fn: object) -> types.ModuleType:
+    interface = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    interface.selective_scan_fn = fn  # type: ignore[attr-defined]
+    return interface
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -234,8 +288,6 @@ def test_resolve_impl() -> None:
     assert resolve_impl("reference", "cuda") == "reference"
     assert resolve_impl("auto", "cpu") == ("cpu_fused" if cpu_fused_available() else "reference")
     assert resolve_impl("auto", "meta") == "reference"
-    auto_cuda = "cuda" if cuda.mamba_ssm_available() else "reference"
-    assert resolve_impl("auto", "cuda", torch.float32) == auto_cuda
     assert resolve_impl("auto", "cuda", torch.float64) == "reference"  # mamba-ssm has no float64 kernel
     with pytest.raises(ValueError, match="unknown selective-scan impl 'triton'"):
         resolve_impl("triton", "cpu")
@@ -243,24 +295,109 @@ def test_resolve_impl() -> None:
         resolve_impl("cpu_fused", "cuda")
 
 
-def test_cuda_impl_without_mamba_ssm_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_impl_without_mamba_ssm_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, fresh_mamba_ssm: None
+) -> None:
+    uninstall_mamba_ssm(monkeypatch)
+    inputs = make_inputs(1, 4, 5, 16, dtype=torch.float32)
+    with pytest.raises(
+        ImportError, match=r"but mamba-ssm is not installed\. Install it with `make setup-cuda`"
+    ):
+        selective_scan(**inputs, impl="cuda")
+
+
+def test_cuda_impl_with_broken_mamba_ssm_names_the_error(
+    monkeypatch: pytest.MonkeyPatch, fresh_mamba_ssm: None
+) -> None:
     broken = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
 
     def fail(name: str) -> None:
         raise OSError("libcudart.so.12: cannot open shared object file")  # not an ImportError
 
     broken.__getattr__ = fail  # type: ignore[method-assign]
-    for name in ("mamba_ssm", "mamba_ssm.ops"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, broken.__name__, broken)
-    cuda._import_selective_scan_fn.cache_clear()
-    try:
-        assert not cuda.mamba_ssm_available()
-        inputs = make_inputs(1, 4, 5, 16, dtype=torch.float32)
-        with pytest.raises(ImportError, match=r"libcudart.*pip install 'mambaxray-ctl\[cuda\]'"):
-            selective_scan(**inputs, impl="cuda")
-    finally:
-        cuda._import_selective_scan_fn.cache_clear()
+    fake_mamba_ssm(monkeypatch, broken)
+    with pytest.raises(ImportError, match=r"failed to import \(OSError: libcudart.*`make setup-cuda`"):
+        cuda.require_mamba_ssm()
+
+
+def test_mamba_ssm_without_its_compiled_extension_is_detected(
+    monkeypatch: pytest.MonkeyPatch, fresh_mamba_ssm: None
+) -> None:
+    """selective_scan_fn imports (a release that guards the extension's import) but selective_scan_cuda
+    is absent: impl='cuda' says so and how to build it, instead of failing at the first call."""
+    fake_mamba_ssm(monkeypatch, interface_with(selective_scan_reference), extension=None)
+    monkeypatch.setattr(cuda, "version", lambda name: "2.3.2.post1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cuda.mamba_ssm_problem() == (
+        "mamba-ssm 2.3.2.post1 is installed without its compiled CUDA extension selective_scan_cuda "
+        "(it was built with MAMBA_SKIP_CUDA_BUILD, or by a mamba-ssm that builds the extension only when "
+        "asked to with MAMBA_KEEP_CUDA_BUILD=TRUE)"
+    )
+    assert not cuda.mamba_ssm_available()
+    with pytest.raises(ImportError) as raised:
+        resolve_impl("cuda", "cuda", torch.bfloat16)
+    message = str(raised.value)
+    assert message.startswith("impl='cuda' needs mamba-ssm's CUDA selective scan, but mamba-ssm 2.3.2.post1")
+    assert "`make setup-cuda`" in message and "MAMBA_KEEP_CUDA_BUILD=TRUE pip install" in message
+
+
+def test_working_mamba_ssm_is_chosen_by_auto_on_cuda(
+    monkeypatch: pytest.MonkeyPatch, fresh_mamba_ssm: None
+) -> None:
+    fake_mamba_ssm(
+        monkeypatch, interface_with(selective_scan_reference), types.ModuleType("selective_scan_cuda")
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_impl("auto", "cuda", torch.bfloat16) == "cuda"
+    assert cuda.require_mamba_ssm() is selective_scan_reference
+
+
+@pytest.mark.parametrize(
+    "rank_env", [{}, {"RANK": "0"}, {"SLURM_PROCID": "0"}], ids=["single", "rank0", "slurm0"]
+)
+def test_auto_on_cuda_without_mamba_ssm_warns_once(
+    monkeypatch: pytest.MonkeyPatch, fresh_mamba_ssm: None, rank_env: dict[str, str]
+) -> None:
+    for name in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in rank_env.items():
+        monkeypatch.setenv(name, value)
+    fake_mamba_ssm(monkeypatch, interface_with(selective_scan_reference), extension=None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.warns(RuntimeWarning) as record:
+        assert resolve_impl("auto", "cuda", torch.float32) == "reference"
+        assert resolve_impl("auto", "cuda", torch.bfloat16) == "reference"
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "runs the pure-PyTorch reference scan on CUDA tensors because mamba-ssm" in message
+    assert "without its compiled CUDA extension selective_scan_cuda" in message
+    assert "`make setup-cuda`" in message and "ssm_impl 'cuda'" in message
+
+
+@pytest.mark.parametrize("rank_env", [{"RANK": "1"}, {"SLURM_PROCID": "3"}], ids=["rank1", "slurm3"])
+def test_auto_fallback_warning_is_silent_off_rank_zero(
+    monkeypatch: pytest.MonkeyPatch, fresh_mamba_ssm: None, rank_env: dict[str, str]
+) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    for name, value in rank_env.items():
+        monkeypatch.setenv(name, value)
+    uninstall_mamba_ssm(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_impl("auto", "cuda", torch.float32) == "reference"
+
+
+def test_scan_ignores_autocast(impl: str) -> None:
+    """Under autocast the scan still computes in float32: the same result as without autocast."""
+    inputs = make_inputs(2, 8, 29, 16, dtype=torch.float32)
+    want = selective_scan(**inputs, delta_softplus=True, impl=impl)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = selective_scan(**inputs, delta_softplus=True, impl=impl)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from mambaxray_ctl.stages.losses import LogitScale, clip_loss, ddp_gradient_scale, gather_with_grad
+from mambaxray_ctl.stages.losses import LogitScale, clip_loss, gather_with_grad
 from mambaxray_ctl.stages.optim import decay_groups, warmup_cosine
 
 
@@ -44,7 +44,6 @@ def test_logit_scale_initialised_and_clamped() -> None:
 def test_without_process_group_gather_is_identity() -> None:
     x = torch.randn(3, 4, requires_grad=True)
     assert gather_with_grad(x) is x
-    assert ddp_gradient_scale(True) == 1
 
 
 def _free_port() -> int:
@@ -53,18 +52,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _encoder_and_scale() -> tuple[nn.Linear, LogitScale]:
+    torch.manual_seed(0)
+    return nn.Linear(8, 5), LogitScale(0.1)  # same weights on both ranks
+
+
 def _ddp_worker(rank: int, world: int, port: int, queue: mp.Queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    encoder = nn.Linear(8, 5)  # same weights on both ranks
-    inputs = torch.randn(8, 8)
-    texts = torch.randn(8, 5)
+    encoder, scale = _encoder_and_scale()
+    inputs, texts = torch.randn(8, 8), torch.randn(8, 5)
     local = slice(rank * 4, rank * 4 + 4)
-    image = encoder(inputs[local])
-    loss = clip_loss(image, texts[local], 10.0, gather=True)
-    (loss * ddp_gradient_scale(True)).backward()
-    grads = [p.grad.clone() for p in encoder.parameters()]
+    loss = clip_loss(encoder(inputs[local]), texts[local], scale(), gather=True)
+    loss.backward()
+    grads = [p.grad.clone() for p in [*encoder.parameters(), scale.log_scale]]
     for grad in grads:  # what DDP does: average over ranks
         dist.all_reduce(grad)
         grad /= world
@@ -73,12 +74,13 @@ def _ddp_worker(rank: int, world: int, port: int, queue: mp.Queue) -> None:
 
 
 def test_gathered_loss_and_gradients_on_two_ranks_equal_single_process() -> None:
-    torch.manual_seed(0)
-    encoder = nn.Linear(8, 5)
+    """Every parameter, the learnable logit scale included (it sees the whole batch on every rank, so
+    its gradient must not be scaled by the world size as the features' is)."""
+    encoder, scale = _encoder_and_scale()
     inputs, texts = torch.randn(8, 8), torch.randn(8, 5)
-    single = clip_loss(encoder(inputs), texts, 10.0)
+    single = clip_loss(encoder(inputs), texts, scale())
     single.backward()
-    expected = [p.grad.clone() for p in encoder.parameters()]
+    expected = [p.grad.clone() for p in [*encoder.parameters(), scale.log_scale]]
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -87,7 +89,7 @@ def test_gathered_loss_and_gradients_on_two_ranks_equal_single_process() -> None
     for _, loss, grads in results:
         assert loss == pytest.approx(single.item(), abs=1e-6)
         for got, want in zip(grads, expected, strict=True):
-            torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(torch.from_numpy(got).reshape(want.shape), want, atol=1e-6, rtol=1e-5)
 
 
 def test_decay_groups_leave_out_vectors_logs_and_named() -> None:

@@ -17,17 +17,37 @@ from safetensors.torch import load_file
 
 from mambaxray_ctl.backbone import CheckpointError
 from mambaxray_ctl.lightning_cli import MambaXrayCLI
+from mambaxray_ctl.ops.cuda import mamba_ssm_problem
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-STAGE_CONFIGS = {"stage1": "stage1_arm", "stage2": "stage2_contrastive", "stage3": "stage3_reportgen"}
+STAGE_CONFIGS = {
+    "stage1": "stage1_arm",
+    "stage1_mae": "stage1_mae",
+    "stage1_simclr": "stage1_simclr",
+    "stage2": "stage2_contrastive",
+    "stage3": "stage3_reportgen",
+}
+STAGE1_IMAGES = ["--data.init_args.image_size=96", "--data.init_args.batch_size=8"]
 TINY = {
     "stage1": [
         "--model.init_args.backbone=test_arm_tiny_pretrain",
         "--model.init_args.cluster_size=2",
         "--model.init_args.decoder_dim=16",
         "--model.init_args.decoder_heads=2",
-        "--data.init_args.image_size=96",
-        "--data.init_args.batch_size=8",
+        *STAGE1_IMAGES,
+    ],
+    "stage1_mae": [
+        "--model.init_args.backbone=test_arm_tiny_pretrain",
+        "--model.init_args.decoder_dim=32",
+        "--model.init_args.decoder_depth=2",
+        "--model.init_args.decoder_heads=4",
+        *STAGE1_IMAGES,
+    ],
+    "stage1_simclr": [
+        "--model.init_args.backbone=test_arm_tiny_pretrain",
+        "--model.init_args.proj_hidden_dim=64",
+        "--model.init_args.proj_dim=16",
+        *STAGE1_IMAGES,
     ],
     "stage2": [
         "--model.init_args.backbone=test_arm_tiny",
@@ -230,3 +250,21 @@ def test_stage3_validation_logs_samples_metrics_and_embeddings(
     table = events.Tensors("val/samples/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert table.startswith("| id | generated | reference | BLEU-4 |") and table.count("\n") >= 2
     assert (run_dir / "projector_config.pbtxt").is_file()
+
+
+@pytest.mark.parametrize("trainer", ["gpu.yaml", "ddp.yaml", "fsdp.yaml", "deepspeed.yaml"])
+def test_gpu_trainer_configs_select_the_cuda_scan_and_stop_without_mamba_ssm(
+    trainer: str, world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU configs never fall back to the reference scan (far too much memory at the paper's
+    batches): without mamba-ssm's kernel the run stops before training, saying how to install it."""
+    if mamba_ssm_problem() is None:
+        pytest.skip("mamba-ssm's kernel works here")
+    args = cli_args(world, tmp_path, "stage2", "fit", "-c", str(CONFIGS / "trainer" / trainer))
+    args += ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true"]
+    args += ["--trainer.strategy=auto"]
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    cli = MambaXrayCLI(args=args[1:], run=False)
+    assert cli.model.backbone.config.ssm_impl == "cuda"
+    with pytest.raises(ImportError, match="make setup-cuda"):
+        run_cli(args, monkeypatch)

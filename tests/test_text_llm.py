@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from torch import nn
+from transformers import AutoTokenizer, Qwen2Config
 
 from mambaxray_ctl.text.demo_models import train_causal_lm
 from mambaxray_ctl.text.llm import DEFAULT_PROMPT, ReportLM
+from mambaxray_ctl.text.loading import RANDOM_INIT_MARKER, save_random_init
 
 REPORTS = [
     "the lungs are clear .",
@@ -221,3 +223,119 @@ def test_decode_cuts_at_the_first_eos(lm: ReportLM) -> None:
     other = lm.tokenizer(" no pneumothorax .", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([[*tokens, lm.eos_id, *other], [*tokens, *other, lm.pad_id]])
     assert lm.decode(ids) == ["the lungs are clear .", "the lungs are clear . no pneumothorax ."]
+
+
+# Gradient checkpointing and random-init folders ------------------------------------------------------------
+def _random_init_dir(lm_dir: Path, out: Path, vocab_size: int, attention_dropout: float = 0.0) -> Path:
+    """A random-init folder: lm_dir's tokenizer and a 2-layer Qwen2 config of ``vocab_size``."""
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attention_dropout=attention_dropout,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return save_random_init(out, config, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def dropout_lm(lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ReportLM:
+    """Two decoder layers with attention dropout 0.5 in the config, so dropout would show in the loss."""
+    folder = _random_init_dir(lm_dir, tmp_path_factory.mktemp("random") / "lm", 500, attention_dropout=0.5)
+    torch.manual_seed(0)
+    return ReportLM(str(folder), max_target_tokens=TARGET_TOKENS)
+
+
+def _count_layer_calls(lm: ReportLM) -> tuple[list[list[int]], list[torch.utils.hooks.RemovableHandle]]:
+    """Per decoder layer, the sequence length of every pass through it, recomputes included (hooks on its
+    input norm, the first thing a layer runs: torch's recompute stops once the tensors it needs are back)."""
+    calls: list[list[int]] = []
+    handles = []
+    for layer in lm.model.model.layers:
+        seen: list[int] = []
+        calls.append(seen)
+        handles.append(
+            layer.input_layernorm.register_forward_hook(
+                lambda m, args, out, seen=seen: seen.append(args[0].shape[1])
+            )
+        )
+    return calls, handles
+
+
+def _loss_and_grad(lm: ReportLM) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One training step's loss, the gradient of the visual tokens and the forward passes per layer."""
+    calls, handles = _count_layer_calls(lm)
+    visual = _visual(lm, 2, scale=1.0).requires_grad_()
+    loss, _ = lm(visual, REPORTS[:2])
+    loss.backward()
+    for handle in handles:
+        handle.remove()
+    return loss.detach(), visual.grad, [len(seen) for seen in calls]
+
+
+def test_gradient_checkpointing_recomputes_each_layer_with_equal_gradients(dropout_lm: ReportLM) -> None:
+    lm = dropout_lm
+    lm.train()
+    loss, grad, passes = _loss_and_grad(lm)
+    assert passes == [1, 1]
+    lm.set_gradient_checkpointing(True)
+    try:
+        assert lm.gradient_checkpointing
+        layers = list(lm.model.model.layers)
+        assert all(layer.training for layer in layers)
+        children = [m for layer in layers for m in layer.modules() if m is not layer]
+        assert not any(m.training for m in children)  # attention dropout (0.5 in the config) stays off
+        checkpointed_loss, checkpointed_grad, passes = _loss_and_grad(lm)
+        assert passes == [2, 2]  # forward, then the recompute in backward
+        torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=0)
+        torch.testing.assert_close(checkpointed_grad, grad)
+        lm.eval()
+        assert not any(layer.training for layer in layers)
+        assert _loss_and_grad(lm)[2] == [1, 1]  # eval mode: nothing to recompute
+    finally:
+        lm.set_gradient_checkpointing(False)
+    lm.train()
+    assert not lm.gradient_checkpointing and _loss_and_grad(lm)[2] == [1, 1]
+    assert not any(m.training for m in lm.model.modules())
+    lm.eval()
+
+
+def test_generate_in_training_mode_with_checkpointing_uses_the_kv_cache(dropout_lm: ReportLM) -> None:
+    lm = dropout_lm
+    visual = _visual(lm, 2, seed=3, scale=1.0)
+    options = {"num_beams": 2, "min_new_tokens": 6, "max_new_tokens": 6}
+    expected = lm.generate_ids(visual, **options)
+    lm.set_gradient_checkpointing(True)
+    lm.train()
+    try:
+        calls, handles = _count_layer_calls(lm)
+        ids = lm.generate_ids(visual, **options)
+        for handle in handles:
+            handle.remove()
+        assert lm.training and all(layer.training for layer in lm.model.model.layers)  # mode restored
+    finally:
+        lm.set_gradient_checkpointing(False)
+        lm.eval()
+    torch.testing.assert_close(ids, expected)
+    prefix = lm.prefix_length + VISUAL_TOKENS
+    for seen in calls:  # the prompt once, then one new position per step: the cache is used
+        assert seen == [prefix] + [1] * (options["max_new_tokens"] - 1)
+
+
+def test_random_init_folder_builds_the_config_without_weights(lm_dir: Path, tmp_path: Path) -> None:
+    folder = _random_init_dir(lm_dir, tmp_path / "lm", vocab_size=3000)
+    assert (folder / RANDOM_INIT_MARKER).is_file() and not list(folder.glob("*.safetensors"))
+    lm = ReportLM(str(folder), dtype="bfloat16", max_target_tokens=TARGET_TOKENS)
+    assert lm.input_embeddings.num_embeddings == 3000 > len(lm.tokenizer)  # the config's vocabulary
+    assert lm.dtype == torch.bfloat16 and not any(p.requires_grad for p in lm.parameters())
+    assert isinstance(lm.model, nn.Module) and not lm.model.training
+    (folder / RANDOM_INIT_MARKER).unlink()  # without the marker, the real from_pretrained path needs weights
+    with pytest.raises(OSError):
+        ReportLM(str(folder))

@@ -48,6 +48,10 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
         "mambaxray_ctl.data.demo_world",
         "generate the synthetic chest X-ray world used by the demo and the tests",
     ),
+    "profile": (
+        "mambaxray_ctl.profile.command",
+        "time a few training steps of a stage at the paper's sizes, random weights: memory, speed, run time",
+    ),
 }
 
 

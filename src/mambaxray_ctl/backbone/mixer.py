@@ -72,7 +72,9 @@ def causal_depthwise_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, reve
     ``x``: (B, C, L), ``weight``: (C, 1, K). Same sums in the same order as the convolution, several
     times faster on CPU than the depthwise convolution kernel for Mamba's K = 4. ``reverse=True`` is the
     convolution of the time-flipped ``x``, flipped back (causal in the backward direction): it reads
-    ``x[l + K - 1 - k]`` where the forward one reads ``x[l - K + 1 + k]``.
+    ``x[l + K - 1 - k]`` where the forward one reads ``x[l - K + 1 + k]``. The sums run in the promoted
+    dtype (float32 for bfloat16 ``x`` and float32 weights, as in causal-conv1d's kernel); the output has
+    ``x``'s dtype, so that under autocast the scan gets bfloat16 activations, not float32 ones.
     """
     length, width = x.shape[-1], weight.shape[-1]
     padded = F.pad(x, (0, width - 1) if reverse else (width - 1, 0))
@@ -85,7 +87,7 @@ def causal_depthwise_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, reve
     out = tap(0) * w[:, 0] if bias is None else torch.addcmul(bias[:, None], tap(0), w[:, 0])
     for k in range(1, width):
         out.addcmul_(tap(k), w[:, k])  # in place: addcmul's backward needs no output
-    return out
+    return out.to(x.dtype)
 
 
 class MambaMixer(nn.Module):

@@ -7,9 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from mambaxray_ctl.distributed import all_gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +32,16 @@ class PredictionWriter(BasePredictionWriter):
         self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
         rows = [row for batch in _flatten(predictions) for row in batch]
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
+        rows = [row for part in all_gather_objects(rows) for row in part]
+        path = self._output_path(trainer)  # on every rank: trainer.log_dir is a collective
         if trainer.is_global_zero:
-            self.written = self._write(trainer, pl_module, rows)
+            self.written = self._write(trainer, pl_module, rows, path)
 
-    def _write(self, trainer: Trainer, pl_module: LightningModule, rows: list[dict]) -> Path:
+    def _output_path(self, trainer: Trainer) -> Path:
+        path = Path(self.output) if self.output else Path(trainer.log_dir or trainer.default_root_dir)
+        return path / "predictions.jsonl" if path.suffix != ".jsonl" else path
+
+    def _write(self, trainer: Trainer, pl_module: LightningModule, rows: list[dict], path: Path) -> Path:
         unique: dict[str, dict] = {}
         for row in rows:
             unique.setdefault(row["id"], row)
@@ -48,8 +51,6 @@ class PredictionWriter(BasePredictionWriter):
             "checkpoint": str(trainer.ckpt_path or ""),
             "decoding": pl_module.decoding() if hasattr(pl_module, "decoding") else {},
         }
-        path = Path(self.output) if self.output else Path(trainer.log_dir or trainer.default_root_dir)
-        path = path / "predictions.jsonl" if path.suffix != ".jsonl" else path
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as f:
             for row in unique.values():

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.seed import isolate_rng
 
 from mambaxray_ctl.evaluation.qualitative import collect_embeddings
 from mambaxray_ctl.evaluation.report_metrics import sentence_bleu4
@@ -31,9 +33,12 @@ def parameter_counts(module: torch.nn.Module) -> dict[str, int]:
 
 
 class ParameterCounts(Callback):
-    """Logs total / trainable / frozen parameter counts when ``fit`` starts (matters with a frozen LLM)."""
+    """Logs total / trainable / frozen parameter counts at the setup of ``fit`` (matters with a frozen
+    LLM), before FSDP or DeepSpeed shard the parameters."""
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
         counts = parameter_counts(pl_module)
         rank_zero_info(", ".join(f"{k.split('/')[1]} {v:,}" for k, v in counts.items()) + " parameters")
         for logger in trainer.loggers:
@@ -78,20 +83,27 @@ class SampleReports(Callback):
 
 
 class EmbeddingProjector(Callback):
-    """At the end of ``fit``, image and text embeddings of the validation split to TensorBoard's projector.
+    """At the end of training, image and text embeddings of the validation split to TensorBoard's projector.
 
-    Needs a module with ``embed(batch) -> (image, text)`` (stages 2 and 3). Runs on rank 0 only.
+    Needs a module with ``embed(batch) -> (image, text)`` (stages 2 and 3). Runs on rank 0 only, on the
+    training device (``on_train_end``: by ``on_fit_end`` Lightning has moved the model to the CPU).
+    Skipped under FSDP and DeepSpeed, whose rank 0 does not hold the whole model (the notebooks embed
+    from a checkpoint instead).
     """
 
     def __init__(self, max_studies: int = 500) -> None:
         self.max_studies = max_studies
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         writer = _tensorboard(trainer)
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            rank_zero_info("EmbeddingProjector: skipped under a sharded strategy (rank 0 lacks the model)")
+            return
         if not trainer.is_global_zero or writer is None or not hasattr(pl_module, "embed"):
             return
-        loader = trainer.datamodule.val_dataloader()
-        ids, image, text = collect_embeddings(pl_module, loader, self.max_studies)
+        with isolate_rng():  # the loader draws a seed: the checkpoint saved after this keeps training's RNG
+            loader = trainer.datamodule.val_dataloader()
+            ids, image, text = collect_embeddings(pl_module, loader, self.max_studies)
         features = torch.from_numpy(np.concatenate([image, text]))
         metadata = [[study, kind] for kind in ("image", "text") for study in ids]
         writer.add_embedding(

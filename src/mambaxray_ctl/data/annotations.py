@@ -248,7 +248,8 @@ def apply_policy(
     skipped_file: str | Path,
     key: Callable[[Any], tuple[str, str]] = lambda s: (s.split, s.id),
 ) -> list[Any]:
-    """Raise on problems (``error``) or drop the items they concern and report them (``skip``)."""
+    """Raise on problems (``error``) or drop the items they concern and log them (``skip``); the
+    caller lists them in ``skipped_file`` (named in the log)."""
     if not problems:
         return list(items)
     if policy == "error":
@@ -256,7 +257,6 @@ def apply_policy(
     bad = {(p.split, p.id) for p in problems}
     kept = [item for item in items if key(item) not in bad]
     counts = Counter(p.kind for p in problems)
-    write_skipped(problems, skipped_file)
     log.warning(
         "%s: skipped %d sample(s) with %d problem(s) (%s); listed in %s",
         source,

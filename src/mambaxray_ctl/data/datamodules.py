@@ -52,6 +52,7 @@ from mambaxray_ctl.data.images import (
     Normalize,
     RandomResizedCropFlip,
 )
+from mambaxray_ctl.distributed import all_gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +137,12 @@ class ReportDataModule(LightningDataModule):
         self.batch_size_per_device: int | None = None
         self.eval_batch_size_per_device: int | None = None
         self.skipped_at_setup: Counter[str] = Counter()  # problem kind -> samples' problems dropped
-        self.skipped_at_load: Counter[str] = Counter()  # kind -> load-time failures, whole run
+        self.skipped_at_load: Counter[str] = Counter()  # kind -> distinct samples failed at load, whole run
         self._studies: dict[str, list[Study]] | None = None
         self._datasets: dict[str, Dataset] = {}
-        self._epoch_failures: dict[str, Counter[str]] = {}  # phase -> kind -> count
+        self._epoch_failures: dict[str, list[Problem]] = {}  # phase -> this rank's load-time failures
+        self._listed_failures: set[Problem] = set()  # load-time failures already counted and listed
+        self._skipped_file: Path | None = None  # resolved in setup, on every rank
         self._skipped_written = False
         self._reporter: _LoadFailureReporter | None = None
 
@@ -163,11 +166,18 @@ class ReportDataModule(LightningDataModule):
             )
         return global_size // world
 
-    def _skipped_path(self) -> Path:
+    def _resolve_skipped_path(self) -> Path:
+        """``skipped_file``, else ``<trainer.log_dir>/skipped.jsonl``. ``trainer.log_dir`` is a
+        broadcast under DDP, so this runs in :meth:`setup` on every rank, never from rank-0-only code."""
         if self.hparams.skipped_file is not None:
             return Path(self.hparams.skipped_file)
         log_dir = self.trainer.log_dir if self.trainer is not None else None
         return Path(log_dir or ".") / "skipped.jsonl"
+
+    def _skipped_path(self) -> Path:
+        if self._skipped_file is None:
+            raise RuntimeError("call setup() first: it resolves where skipped samples are listed")
+        return self._skipped_file
 
     def _write_skipped(self, problems: list[Problem]) -> None:
         path = self._skipped_path()
@@ -271,6 +281,7 @@ class ReportDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Validate and load once (idempotent); check the splits ``stage`` needs; split batch sizes."""
         hp = self.hparams
+        self._skipped_file = self._resolve_skipped_path()
         world, _ = self._world()
         self.batch_size_per_device = self._per_device(hp.batch_size, "batch_size", world)
         self.eval_batch_size_per_device = self._per_device(
@@ -314,7 +325,8 @@ class ReportDataModule(LightningDataModule):
             sampler = DistributedSampler(
                 dataset, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed, drop_last=hp.drop_last
             )
-        collate = collate_studies if hp.mode == "reports" else collate_images
+        reports = hp.mode == "reports"
+        collate = partial(collate_studies, image_size=hp.image_size) if reports else collate_images
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -322,7 +334,7 @@ class ReportDataModule(LightningDataModule):
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory,
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            collate_fn=partial(collate, image_size=hp.image_size),
+            collate_fn=collate,
             drop_last=train and hp.drop_last,
         )
 
@@ -341,14 +353,14 @@ class ReportDataModule(LightningDataModule):
     # ------------------------------------------------------------------------- load-time failures
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Take the samples that failed to decode out of the batch, count and list them."""
+        """Take the failures of the samples that were replaced out of the batch and keep them for the
+        epoch-end report (this rank only: no collective here, mid-epoch)."""
         failed = batch.pop("failed", None) if isinstance(batch, dict) else None
         if failed:
-            self._epoch_failures.setdefault(self._phase(), Counter()).update(p.kind for p in failed)
-            self.skipped_at_load.update(p.kind for p in failed)
-            self._write_skipped(failed)
+            self._epoch_failures.setdefault(self._phase(), []).extend(failed)
+            rank = self._world()[1]
             for problem in failed:
-                log.warning("skipped at load time: %s", problem)
+                log.warning("rank %d: skipped at load time (replaced by another sample): %s", rank, problem)
         return batch
 
     def _phase(self) -> str:
@@ -357,11 +369,21 @@ class ReportDataModule(LightningDataModule):
         return stage.value if stage is not None else "load"
 
     def report_load_failures(self, phase: str | None = None) -> None:
-        """Log and reset the load-time failures of ``phase`` (default: the current one); called by
-        the trainer at every epoch end."""
+        """Gather every rank's load-time failures of ``phase`` (default: the current one), log this
+        epoch's count, count and list (rank 0) the samples not seen failing before in this run, and
+        reset; called on every rank at every epoch end."""
         phase = phase or self._phase()
-        counts = self._epoch_failures.pop(phase, None)
-        if counts:
+        local = self._epoch_failures.pop(phase, [])
+        failed = list(dict.fromkeys(p for part in all_gather_objects(local) for p in part))
+        if not failed:
+            return
+        new = [problem for problem in failed if problem not in self._listed_failures]
+        self._listed_failures.update(new)
+        self.skipped_at_load.update(problem.kind for problem in new)
+        counts = Counter(problem.kind for problem in failed)
+        if self._world()[1] == 0:
+            if new:
+                self._write_skipped(new)
             epoch = f" epoch {self.trainer.current_epoch}" if self.trainer is not None else ""
             text = ", ".join(f"{kind}={n}" for kind, n in sorted(counts.items()))
             log.warning(

@@ -2,8 +2,9 @@
 
 A sample whose image fails to decode at load time is handled by the ``on_invalid`` policy:
 ``error`` raises :class:`~mambaxray_ctl.data.annotations.DataValidationError` naming the split, id
-and file; ``skip`` turns it into ``{"failed": Problem}``, which the collate moves into
-``batch["failed"]`` for the DataModule to count and report (so a batch may be smaller than asked).
+and file; ``skip`` replaces it by the next sample that decodes and records the failure, which the
+collate moves into ``batch["failed"]`` for the DataModule to count and report. Batches keep their
+size on every rank, as DDP's gathered features need.
 """
 
 from __future__ import annotations
@@ -22,16 +23,48 @@ from mambaxray_ctl.data.images import ImageDecodeError, load_image
 Transform = Callable[[Tensor], Tensor]
 
 
-def _load_failure(split: str, sid: str, exc: ImageDecodeError, policy: OnInvalid) -> dict[str, Problem]:
-    problem = Problem(split, sid, "undecodable_image", exc.reason, exc.path)
-    if policy == "error":
-        hint = "on_invalid='error'; use on_invalid='skip' to skip such samples"
-        raise DataValidationError(f"{problem} ({hint})") from exc
-    return {"failed": problem}
+MAX_REPLACEMENT_TRIES = 16
 
 
-class StudyDataset(Dataset):
-    """Item: ``{"id", "images": (V, 3, H, W), "report", "raw_report", "labels"?: (K,)}``."""
+class _ReplacingDataset(Dataset):
+    """Base of the datasets: an item whose image fails to decode is replaced by the next one that
+    decodes (at most :data:`MAX_REPLACEMENT_TRIES` tried), carrying its failure in ``"failed"``, so that
+    every rank's batch keeps its size (gathered contrastive negatives need equal shapes on all ranks).
+    Only the failure of the requested item is recorded: a failing candidate is recorded when it is
+    itself requested. With ``on_invalid="error"`` it raises :class:`DataValidationError` naming the
+    split, id and file."""
+
+    on_invalid: OnInvalid
+
+    def _load(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _describe(self, index: int) -> tuple[str, str]:
+        """``(split, id)`` of an item."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self._load(index)
+        except ImageDecodeError as exc:
+            split, sid = self._describe(index)
+            problem = Problem(split, sid, "undecodable_image", exc.reason, exc.path)
+            if self.on_invalid == "error":
+                hint = "on_invalid='error'; use on_invalid='skip' to skip such samples"
+                raise DataValidationError(f"{problem} ({hint})") from exc
+        tries = min(len(self) - 1, MAX_REPLACEMENT_TRIES)
+        for offset in range(1, tries + 1):
+            try:
+                return {**self._load((index + offset) % len(self)), "failed": [problem]}
+            except ImageDecodeError:
+                continue
+        raise DataValidationError(
+            f"{problem}; and none of the next {tries} samples decodes either (is the image folder right?)"
+        )
+
+
+class StudyDataset(_ReplacingDataset):
+    """Item: ``{"id", "images": (V, 3, H, W), "report", "raw_report", "labels"?: (K,), "failed"?}``."""
 
     def __init__(
         self,
@@ -48,12 +81,12 @@ class StudyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.studies)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _describe(self, index: int) -> tuple[str, str]:
+        return self.studies[index].split, self.studies[index].id
+
+    def _load(self, index: int) -> dict[str, Any]:
         study = self.studies[index]
-        try:
-            images = torch.stack([self.transform(load_image(self.locate(p))) for p in study.image_paths])
-        except ImageDecodeError as exc:
-            return _load_failure(study.split, study.id, exc, self.on_invalid)
+        images = torch.stack([self.transform(load_image(self.locate(p))) for p in study.image_paths])
         sample: dict[str, Any] = {
             "id": study.id,
             "images": images,
@@ -65,8 +98,9 @@ class StudyDataset(Dataset):
         return sample
 
 
-class ImageDataset(Dataset):
-    """Stage-1 items, one image each: ``{"id", "image": (3, H, W)}`` from ``(split, id, path)`` triples."""
+class ImageDataset(_ReplacingDataset):
+    """Stage-1 items, one image each: ``{"id", "image": (3, H, W), "failed"?}`` from ``(split, id, path)``
+    triples."""
 
     def __init__(
         self,
@@ -81,17 +115,16 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        split, sid, path = self.items[index]
-        try:
-            image = self.transform(load_image(path))
-        except ImageDecodeError as exc:
-            return _load_failure(split, sid, exc, self.on_invalid)
-        return {"id": sid, "image": image}
+    def _describe(self, index: int) -> tuple[str, str]:
+        return self.items[index][0], self.items[index][1]
+
+    def _load(self, index: int) -> dict[str, Any]:
+        _, sid, path = self.items[index]
+        return {"id": sid, "image": self.transform(load_image(path))}
 
 
-def _split_failed(samples: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Problem]]:
-    return [s for s in samples if "failed" not in s], [s["failed"] for s in samples if "failed" in s]
+def _failures(samples: Sequence[dict[str, Any]]) -> list[Problem]:
+    return [problem for sample in samples for problem in sample.get("failed", [])]
 
 
 def collate_studies(samples: Sequence[dict[str, Any]], image_size: int) -> dict[str, Any]:
@@ -100,32 +133,32 @@ def collate_studies(samples: Sequence[dict[str, Any]], image_size: int) -> dict[
     Returns ``{"ids", "images": (B, V, 3, H, W), "view_mask": (B, V) bool, "reports", "raw_reports",
     "labels"?: (B, K), "failed"?: [Problem]}``; padded views are zeros with ``view_mask`` False.
     """
-    ok, failed = _split_failed(samples)
-    views = max((len(s["images"]) for s in ok), default=0)
-    images = torch.zeros(len(ok), views, 3, image_size, image_size)
-    view_mask = torch.zeros(len(ok), views, dtype=torch.bool)
-    for i, sample in enumerate(ok):
+    failed = _failures(samples)
+    views = max((len(s["images"]) for s in samples), default=0)
+    images = torch.zeros(len(samples), views, 3, image_size, image_size)
+    view_mask = torch.zeros(len(samples), views, dtype=torch.bool)
+    for i, sample in enumerate(samples):
         images[i, : len(sample["images"])] = sample["images"]
         view_mask[i, : len(sample["images"])] = True
     batch: dict[str, Any] = {
-        "ids": [s["id"] for s in ok],
+        "ids": [s["id"] for s in samples],
         "images": images,
         "view_mask": view_mask,
-        "reports": [s["report"] for s in ok],
-        "raw_reports": [s["raw_report"] for s in ok],
+        "reports": [s["report"] for s in samples],
+        "raw_reports": [s["raw_report"] for s in samples],
     }
-    if ok and "labels" in ok[0]:
-        batch["labels"] = torch.stack([s["labels"] for s in ok])
+    if samples and "labels" in samples[0]:
+        batch["labels"] = torch.stack([s["labels"] for s in samples])
     if failed:
         batch["failed"] = failed
     return batch
 
 
-def collate_images(samples: Sequence[dict[str, Any]], image_size: int) -> dict[str, Any]:
+def collate_images(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """``{"ids", "images": (B, 3, H, W), "failed"?: [Problem]}``."""
-    ok, failed = _split_failed(samples)
-    images = torch.stack([s["image"] for s in ok]) if ok else torch.zeros(0, 3, image_size, image_size)
-    batch: dict[str, Any] = {"ids": [s["id"] for s in ok], "images": images}
+    failed = _failures(samples)
+    images = torch.stack([s["image"] for s in samples])
+    batch: dict[str, Any] = {"ids": [s["id"] for s in samples], "images": images}
     if failed:
         batch["failed"] = failed
     return batch

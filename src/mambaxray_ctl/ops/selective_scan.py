@@ -2,18 +2,29 @@
 
 ``impl``: ``"auto"`` (mamba-ssm's kernel for CUDA tensors when it imports, the fused C++ kernel for
 CPU tensors when it builds, else the reference), ``"reference"`` (pure PyTorch, any device),
-``"cpu_fused"`` (CPU only) or ``"cuda"`` (CUDA only, needs mamba-ssm).
+``"cpu_fused"`` (CPU only) or ``"cuda"`` (CUDA only, needs mamba-ssm). ``"auto"`` on CUDA without a
+usable mamba-ssm warns once (global rank 0); select ``"cuda"`` to make that an error instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import warnings
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
+from mambaxray_ctl.distributed import global_rank
 from mambaxray_ctl.ops.cpu_fused import cpu_fused_available, selective_scan_cpu_fused
-from mambaxray_ctl.ops.cuda import CUDA_DTYPES, mamba_ssm_available, require_mamba_ssm, selective_scan_cuda
+from mambaxray_ctl.ops.cuda import (
+    CUDA_DTYPES,
+    INSTALL_HINT,
+    mamba_ssm_problem,
+    require_mamba_ssm,
+    selective_scan_cuda,
+)
 from mambaxray_ctl.ops.reference import reversed_scan, selective_scan_reference
 
 ScanImpl = Literal["auto", "reference", "cpu_fused", "cuda"]
@@ -21,21 +32,41 @@ SCAN_IMPLS: tuple[str, ...] = get_args(ScanImpl)
 _DEVICE_OF_IMPL = {"cpu_fused": "cpu", "cuda": "cuda"}
 
 
+@functools.cache
+def _warn_reference_on_cuda(problem: str) -> None:
+    """Warn, once per process and on global rank 0 only, that ``auto`` runs the reference on CUDA."""
+    if global_rank() != 0:
+        return
+    warnings.warn(
+        f"selective scan: impl='auto' runs the pure-PyTorch reference scan on CUDA tensors because "
+        f"{problem}. It keeps a (batch, dim, L, d_state) state for the backward pass: many times the "
+        "memory and time of mamba-ssm's kernel, more memory than a GPU has at the paper's batch sizes. "
+        f"Install the kernel with {INSTALL_HINT}; select ssm_impl 'cuda' to make its absence an error.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def resolve_impl(
     impl: str = "auto", device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> str:
     """The implementation that ``impl`` runs for tensors on ``device`` (of ``dtype``), e.g. for logging.
 
-    Returns ``"reference"`` for ``"cpu_fused"`` when the extension cannot be built (after its warning).
-    Raises ``ValueError`` for an unknown ``impl`` or one that does not run on ``device``, and
-    ``ImportError`` (with the install command) for ``"cuda"`` without mamba-ssm.
+    Returns ``"reference"`` for ``"cpu_fused"`` when the extension cannot be built (after its warning),
+    and for ``"auto"`` on CUDA without a usable mamba-ssm (after a ``RuntimeWarning``, once per process
+    on global rank 0). Raises ``ValueError`` for an unknown ``impl`` or one that does not run on
+    ``device``, and ``ImportError`` (saying what is missing and how to install it) for ``"cuda"``
+    without a usable mamba-ssm.
     """
     if impl not in SCAN_IMPLS:
         raise ValueError(f"unknown selective-scan impl {impl!r}; expected one of {SCAN_IMPLS}")
     device_type = torch.device(device).type
     if impl == "auto":
-        if device_type == "cuda" and (dtype is None or dtype in CUDA_DTYPES) and mamba_ssm_available():
-            return "cuda"
+        if device_type == "cuda" and (dtype is None or dtype in CUDA_DTYPES):
+            problem = mamba_ssm_problem()
+            if problem is None:
+                return "cuda"
+            _warn_reference_on_cuda(problem)
         if device_type == "cpu" and cpu_fused_available():
             return "cpu_fused"
         return "reference"
@@ -111,7 +142,16 @@ def selective_scan(
     check_inputs(u, delta, A, B, C, D, z, delta_bias)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     chosen = resolve_impl(impl, u.device, u.dtype)
-    if chosen == "cpu_fused":
-        return selective_scan_cpu_fused(*args, reverse=reverse)
-    scan = selective_scan_cuda if chosen == "cuda" else selective_scan_reference
-    return reversed_scan(scan, *args) if reverse else scan(*args)
+    with _autocast_off(u.device.type):
+        if chosen == "cpu_fused":
+            return selective_scan_cpu_fused(*args, reverse=reverse)
+        scan = selective_scan_cuda if chosen == "cuda" else selective_scan_reference
+        return reversed_scan(scan, *args) if reverse else scan(*args)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[object]:
+    """Autocast disabled on ``device_type``: the scans compute in their own dtypes (under autocast the
+    reference's contractions would otherwise run in bfloat16)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mambaxray_ctl.backbone import VisionMamba, VisionMambaConfig
+from mambaxray_ctl.ops import ScanImpl
 from mambaxray_ctl.stages.arm_decoder import ARMDecoder, cluster_order, normalize_patches, patchify
 from mambaxray_ctl.stages.base import BackboneStage
 
@@ -88,6 +89,7 @@ class ARMModule(BackboneStage):
         self,
         backbone: str = "arm_large_pz16_pretrain",
         backbone_overrides: dict[str, Any] | None = None,
+        ssm_impl: ScanImpl | None = None,
         cluster_size: int = 4,
         feature_layers: list[int] | None = None,
         decoder_dim: int = 512,

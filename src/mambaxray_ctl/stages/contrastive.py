@@ -8,8 +8,9 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from mambaxray_ctl.evaluation.retrieval import RetrievalRecall
+from mambaxray_ctl.ops import ScanImpl
 from mambaxray_ctl.stages.base import BackboneStage
-from mambaxray_ctl.stages.losses import LogitScale, clip_loss, ddp_gradient_scale
+from mambaxray_ctl.stages.losses import LogitScale, clip_loss
 from mambaxray_ctl.text.encoder import TextEncoder
 
 
@@ -41,6 +42,7 @@ class ContrastiveModule(BackboneStage):
         self,
         backbone: str = "arm_large_pz16",
         backbone_overrides: dict[str, Any] | None = None,
+        ssm_impl: ScanImpl | None = None,
         text_encoder: str = "emilyalsentzer/Bio_ClinicalBERT",
         text_pooling: Literal["last_nonpad", "cls", "mean"] = "last_nonpad",
         text_max_length: int = 128,
@@ -84,7 +86,7 @@ class ContrastiveModule(BackboneStage):
         loss = clip_loss(image, text, self.logit_scale(), gather=self.hparams.gather_negatives)
         self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])
         self.log("train/logit_scale", self.logit_scale().detach(), batch_size=image.shape[0])
-        return loss * ddp_gradient_scale(self.hparams.gather_negatives)
+        return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         image, text = self(batch)
@@ -96,8 +98,9 @@ class ContrastiveModule(BackboneStage):
         scores = self.val_retrieval.compute()
         self.val_retrieval.reset()
         for name, value in scores.items():
-            self.log(f"val/{name}", value, prog_bar=name == "i2t_R@1")  # same value on every rank
-        self.log("val/mean_R@1", (scores["i2t_R@1"] + scores["t2i_R@1"]) / 2)
+            # the same value on every rank (computed on the gathered split): sync_dist averages equal values
+            self.log(f"val/{name}", value, prog_bar=name == "i2t_R@1", sync_dist=True)
+        self.log("val/mean_R@1", (scores["i2t_R@1"] + scores["t2i_R@1"]) / 2, sync_dist=True)
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"logit_scale.log_scale"}

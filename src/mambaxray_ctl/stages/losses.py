@@ -9,25 +9,39 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mambaxray_ctl.distributed import distributed_world
 
-def distributed_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by ``factor`` in backward."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, features: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return features.view_as(features)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None
 
 
 def gather_with_grad(features: Tensor) -> Tensor:
-    """All ranks' ``features`` concatenated along dim 0; only the local slice keeps its gradient.
+    """All ranks' ``features`` concatenated along dim 0 for a loss of the GLOBAL batch.
 
-    Every rank must pass the same shape (use ``drop_last`` for training). Identity without DDP.
+    Every rank computes the same global loss but back-propagates only through its own slice, so the
+    per-rank gradients of the features SUM to the global gradient while DDP AVERAGES parameter
+    gradients over ranks: the local slice's gradient is multiplied by the world size here, which makes
+    DDP's average equal the single-process gradient. Parameters used after the gather on every rank
+    (a learnable logit scale) get the full gradient on each rank and are left unscaled.
+
+    Every rank must pass the same shape. Identity without a process group.
     """
     rank, world = distributed_world()
     if world == 1:
         return features
     chunks = [torch.empty_like(features) for _ in range(world)]
     dist.all_gather(chunks, features.detach().contiguous())
-    chunks[rank] = features
+    chunks[rank] = _ScaleGradient.apply(features, float(world))
     return torch.cat(chunks)
 
 
@@ -35,8 +49,8 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor | float, gather: 
     """Mean of the image→text and text→image cross-entropies over the (gathered) batch.
 
     Features are L2-normalised here. With ``gather`` every rank computes the loss of the GLOBAL
-    batch (so the value equals the single-process loss on the concatenated batch) and holds the
-    exact gradient of that loss with respect to its own features.
+    batch (the value equals the single-process loss on the concatenated batch), and after DDP's
+    gradient average every parameter has the single-process gradient (see :func:`gather_with_grad`).
     """
     image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
     if gather:
@@ -44,17 +58,6 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor | float, gather: 
     logits = logit_scale * image @ text.T
     targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-
-
-def ddp_gradient_scale(gather: bool) -> int:
-    """Factor to multiply a gathered loss by before ``backward`` under DDP.
-
-    DDP averages parameter gradients over ranks, while with ``gather`` each rank's loss already
-    covers the global batch and each rank back-propagates only through its own features: the
-    per-rank gradients SUM to the global gradient. Scaling by the world size makes DDP's average
-    equal the single-process gradient on the concatenated batch.
-    """
-    return distributed_world()[1] if gather else 1
 
 
 class LogitScale(nn.Module):

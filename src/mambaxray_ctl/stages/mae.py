@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from mambaxray_ctl.backbone import VisionMamba
 from mambaxray_ctl.backbone.layers import sincos_2d_pos_embed
+from mambaxray_ctl.ops import ScanImpl
 from mambaxray_ctl.stages.arm import check_image_size, require_sequence_backbone
 from mambaxray_ctl.stages.arm_decoder import normalize_patches, patchify
 from mambaxray_ctl.stages.base import BackboneStage
@@ -91,6 +92,7 @@ class MAEModule(BackboneStage):
         self,
         backbone: str = "arm_large_pz16_pretrain",
         backbone_overrides: dict[str, Any] | None = None,
+        ssm_impl: ScanImpl | None = None,
         mask_ratio: float = 0.75,
         decoder_dim: int = 512,
         decoder_depth: int = 4,

@@ -10,9 +10,10 @@ from torch import Tensor, nn
 
 from mambaxray_ctl.evaluation.clinical import ClinicalEfficacy, label_reports, load_labeler
 from mambaxray_ctl.evaluation.report_metrics import ReportMetrics, truncate_references
+from mambaxray_ctl.ops import ScanImpl
 from mambaxray_ctl.stages.base import BackboneStage
 from mambaxray_ctl.stages.contrastive import encode_studies
-from mambaxray_ctl.stages.losses import clip_loss, ddp_gradient_scale
+from mambaxray_ctl.stages.losses import clip_loss
 from mambaxray_ctl.text.llm import DEFAULT_PROMPT, DEFAULT_TEMPLATE, ReportLM
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ReportGenModule(BackboneStage):
         self,
         backbone: str = "arm_large_pz16",
         backbone_overrides: dict[str, Any] | None = None,
+        ssm_impl: ScanImpl | None = None,
         freeze_backbone: bool = False,
         gradient_checkpointing: bool = False,
         llm: str = "Qwen/Qwen1.5-1.8B-Chat",
@@ -99,11 +101,14 @@ class ReportGenModule(BackboneStage):
         )
         if gradient_checkpointing:  # recompute backbone blocks and LM layers in backward: memory for time
             self.backbone.set_grad_checkpointing(True)
-            self.llm.model.gradient_checkpointing_enable({"use_reentrant": False})
+            self.llm.set_gradient_checkpointing(True)
         hidden = self.llm.hidden_size
         self.mapper = nn.Sequential(nn.Linear(self.backbone.config.embed_dim, hidden), nn.LayerNorm(hidden))
         nn.init.constant_(self.mapper[1].weight, self._mapper_scale(mapper_init_scale))
         self.text_proj = nn.Linear(hidden, hidden)
+        # Without CTL-FT nothing trains text_proj (embed() still uses it): frozen, so that DDP sees no
+        # trainable parameter without a gradient.
+        self.text_proj.requires_grad_(ctl_weight > 0)
         self.labeler = load_labeler(labeler) if labeler else None
         self.val_metrics = self._make_metrics()
         self.test_metrics = self._make_metrics()
@@ -181,10 +186,7 @@ class ReportGenModule(BackboneStage):
         size = len(batch["ids"])
         for name, value in out.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=size)
-        if "ctl" not in out:
-            return out["loss"]
-        scale = ddp_gradient_scale(self.hparams.ctl_gather)  # see clip_loss: only the gathered term
-        return out["sft"] + self.hparams.ctl_weight * scale * out["ctl"]
+        return out["loss"]
 
     def _generate_and_update(self, batch: dict[str, Any], metrics: nn.ModuleDict) -> list[dict[str, str]]:
         generated = self.generate(batch["images"], batch.get("view_mask"))
@@ -236,8 +238,8 @@ class ReportGenModule(BackboneStage):
             scores |= {k: float(v) for k, v in metric.compute().items()}
             metric.reset()
         scores["score"] = sum(weight * scores[name] for name, weight in SCORE_WEIGHTS.items())
-        for name, value in scores.items():  # identical on every rank: computed on the gathered corpus
-            self.log(f"{split}/{name}", value, prog_bar=name in {"BLEU_4", "score"})
+        for name, value in scores.items():  # identical on every rank: sync_dist averages equal values
+            self.log(f"{split}/{name}", value, prog_bar=name in {"BLEU_4", "score"}, sync_dist=True)
         return scores
 
     # Checkpoints without the frozen LM ----------------------------------------------------------------------
@@ -247,6 +249,8 @@ class ReportGenModule(BackboneStage):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen LM from the state dict (under DeepSpeed, ``exclude_frozen_parameters`` keeps it
+        out of the engine's own file)."""
         super().on_save_checkpoint(checkpoint)
         frozen = self._frozen_llm_keys()
         state = checkpoint["state_dict"]
@@ -254,8 +258,12 @@ class ReportGenModule(BackboneStage):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the state dict's keys; FSDP (which has loaded and removed it by now) and DeepSpeed (whose
+        engine loads its own file) have none here."""
         super().on_load_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
         expected = set(self.state_dict()) - self._frozen_llm_keys()
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - set(self.state_dict()))

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambaxray_ctl.backbone import VisionMamba
+from mambaxray_ctl.ops import ScanImpl
 from mambaxray_ctl.stages.base import BackboneStage
-from mambaxray_ctl.stages.losses import ddp_gradient_scale, gather_with_grad
+from mambaxray_ctl.stages.losses import gather_with_grad
 
 
 def _uniform(n: int, low: float, high: float, like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -69,7 +70,7 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, gather: bool = True
     negatives; mean cross-entropy over all 2N anchors of the (gathered) batch.
 
     As :func:`~mambaxray_ctl.stages.losses.clip_loss`: with ``gather`` each rank computes the loss of
-    the global batch and back-propagates through its own features only.
+    the global batch, and DDP's averaged gradient equals the single-process one.
     """
     z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
     if gather:
@@ -84,8 +85,8 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, gather: bool = True
 
 class SimCLRModule(BackboneStage):
     """SimCLR: two random views per image → backbone → mean of the tokens → 2-layer MLP projector →
-    NT-Xent at ``temperature``; negatives gathered across ranks with ``gather_negatives`` (the
-    training loss is scaled so that DDP's gradient average equals the single-process gradient).
+    NT-Xent at ``temperature``; negatives gathered across ranks with ``gather_negatives`` (DDP's
+    gradient average then equals the single-process gradient).
 
     Any backbone preset works (the whole image goes through ``forward``); the default is the ARM
     pretraining encoder, for a like-for-like Table II comparison. ``val/loss`` uses views seeded by
@@ -98,6 +99,7 @@ class SimCLRModule(BackboneStage):
         self,
         backbone: str = "arm_large_pz16_pretrain",
         backbone_overrides: dict[str, Any] | None = None,
+        ssm_impl: ScanImpl | None = None,
         proj_hidden_dim: int = 2048,
         proj_dim: int = 128,
         temperature: float = 0.1,
@@ -150,7 +152,7 @@ class SimCLRModule(BackboneStage):
         gather = self.hparams.gather_negatives
         loss = self.loss(batch["images"], gather)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["images"]))
-        return loss * ddp_gradient_scale(gather)
+        return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images = batch["images"]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, BatchEncoding
 
-from mambaxray_ctl.text.loading import load_pretrained
+from mambaxray_ctl.text.loading import load_model, load_pretrained
 
 Pooling = Literal["last_nonpad", "cls", "mean"]
 Padding = Literal["longest", "max_length"]
@@ -61,10 +61,14 @@ class TextEncoder(nn.Module):
             what="text encoder",
             local_files_only=local_files_only,
         )
-        self.model = load_pretrained(
-            AutoModel.from_pretrained, name_or_path, what="text encoder", local_files_only=local_files_only
+        self.model = load_model(
+            AutoModel, name_or_path, what="text encoder", local_files_only=local_files_only
         )
         self.model.train()  # from_pretrained returns eval mode; this encoder is trained (dropout on)
+        if getattr(self.model, "pooler", None) is not None:
+            # BERT's pooler ([CLS] dense + tanh) never reaches our pooled features: trainable parameters
+            # without a gradient stop DDP (find_unused_parameters=False) at its second step.
+            self.model.pooler = None
         if self.tokenizer.pad_token_id is None:
             raise ValueError(f"the tokenizer in {name_or_path} has no pad token")
         self.tokenizer.padding_side = "right"  # last_nonpad pooling relies on right padding

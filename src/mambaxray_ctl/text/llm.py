@@ -13,13 +13,16 @@ prefix has the same length for every sample, so only the target part is padded (
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
-from mambaxray_ctl.text.loading import load_pretrained
+from mambaxray_ctl.text.loading import load_model, load_pretrained
 
 DEFAULT_PROMPT = "Generate a comprehensive and detailed diagnosis report for this chest xray image."
 DEFAULT_TEMPLATE = "Human: <Img><ImageHere></Img> {prompt} \nAssistant:"
@@ -62,8 +65,10 @@ def _wrap_lora(model: nn.Module, lora: dict[str, Any]) -> nn.Module:
 class ReportLM(nn.Module):
     """A frozen ``AutoModelForCausalLM`` (optionally with trainable LoRA adapters) that writes reports.
 
-    The LM always stays in eval mode (dropout off), whatever mode the wrapper is put in; only LoRA
-    dropout follows the wrapper's mode.
+    The LM's modules stay in eval mode (dropout off), whatever mode the wrapper is put in; only LoRA
+    dropout follows the wrapper's mode. With :meth:`set_gradient_checkpointing`, the decoder layers'
+    own ``training`` flags follow it too (not their children's, so dropout stays off): transformers
+    recomputes a layer in backward only when that flag is set.
     """
 
     def __init__(
@@ -86,8 +91,8 @@ class ReportLM(nn.Module):
         self.tokenizer = load_pretrained(
             AutoTokenizer.from_pretrained, name_or_path, what="report LM", local_files_only=local_files_only
         )
-        model = load_pretrained(
-            AutoModelForCausalLM.from_pretrained,
+        model = load_model(
+            AutoModelForCausalLM,
             name_or_path,
             what="report LM",
             local_files_only=local_files_only,
@@ -106,6 +111,7 @@ class ReportLM(nn.Module):
         model.requires_grad_(False)
         self.model = model if lora is None else _wrap_lora(model, lora)
         self.model.eval()
+        self._checkpointed_layers: list[nn.Module] = []
         self.register_buffer("before_ids", self._token_ids(before), persistent=False)
         self.register_buffer("after_ids", self._token_ids(after), persistent=False)
         bos = [] if self.bos_id is None else [self.bos_id]
@@ -120,7 +126,45 @@ class ReportLM(nn.Module):
         for name, module in self.model.named_modules():
             if name.rsplit(".", 1)[-1] == "lora_dropout":
                 module.train(mode)
+        for layer in self._checkpointed_layers:
+            layer.training = mode  # the layer's own flag only: its dropout and attention stay in eval
         return self
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the LM's decoder layers in backward (training mode only), keeping dropout off.
+
+        Only each layer's input is kept from the forward pass: activation memory traded for a second
+        forward pass of the layers; the loss and gradients are unchanged.
+        """
+        if enable:
+            switch_on = getattr(self.model, "activation_checkpointing_enable", None)
+            (switch_on or self.model.gradient_checkpointing_enable)({"use_reentrant": False})
+            layers = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            if not layers:
+                name = type(self.model).__name__
+                raise ValueError(f"{name} has no decoder layers that transformers can checkpoint")
+        else:
+            switch_off = getattr(self.model, "activation_checkpointing_disable", None)
+            (switch_off or self.model.gradient_checkpointing_disable)()
+            layers = []
+        for layer in self._checkpointed_layers:
+            layer.training = False
+        self._checkpointed_layers = layers
+        self.train(self.training)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return bool(self._checkpointed_layers)
+
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Eval mode for the duration (no LoRA dropout, no recomputation, KV cache on), then restored."""
+        mode = self.training
+        self.train(False)
+        try:
+            yield
+        finally:
+            self.train(mode)
 
     @property
     def hidden_size(self) -> int:
@@ -195,6 +239,7 @@ class ReportLM(nn.Module):
             inputs_embeds=batch["inputs_embeds"],
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
+            use_cache=False,  # teacher forcing needs no KV cache (and checkpointing refuses one)
         )
         return output.loss, batch
 
@@ -229,7 +274,8 @@ class ReportLM(nn.Module):
         """New token ids, (B, <= max_new_tokens); finished rows continue with padding after EOS.
 
         Only the given options apply; the rest are transformers' global defaults (e.g. ``top_k=50``
-        when sampling), never the model's shipped generation config.
+        when sampling), never the model's shipped generation config. Runs in eval mode whatever the
+        wrapper's mode (no LoRA dropout, KV cache on), so beam search is deterministic.
         """
         settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p} if do_sample else {}
         if num_beams > 1:
@@ -251,7 +297,7 @@ class ReportLM(nn.Module):
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         # With inputs_embeds alone, transformers 5 returns only the new tokens, and the repetition penalty
         # sees only them (as in the anchors); it warns about the latter on every call.
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), self._eval_mode():
             warnings.filterwarnings(
                 "ignore", message=".*repetition_penalty.*inputs_embeds", category=UserWarning
             )
