@@ -26,7 +26,8 @@ HOST_PYTHON=${HOST_PYTHON:-$ROOT/.venv/bin/python}
 MAMBA_SSM_VERSION=${MAMBA_SSM_VERSION:-2.3.2.post1}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
 # Pure-Python packages the GPU machine's image lacks (the versions this project is tested with).
-WHEELS=(jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 omegaconf==2.4.0 pycocoevalcap==1.2)
+WHEELS=(jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 omegaconf==2.4.0 pycocoevalcap==1.2
+  einops==0.8.2)
 # mamba-ssm's compile flags (its setup.py) without its list of every GPU architecture, and without its
 # -std=c++17: torch's extension builder sets the C++ standard its own headers need.
 NVCC_FLAGS='["-O3", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
@@ -113,6 +114,9 @@ build_scan_kernel() {
   # Python files only (its setup.py would compile for every architecture), then the one extension.
   MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE "$PYTHON" -m pip install --quiet --no-index --no-deps \
     --no-build-isolation --no-cache-dir --target "$WORK/site" "$source" || return 1
+  # mamba_ssm/__init__.py imports Mamba2/Mamba3, whose kernel packages (tilelang, quack) this machine lacks
+  # and the selective scan does not use: keep only its version, so that the scan's module imports.
+  echo "__version__ = \"$MAMBA_SSM_VERSION\"" >"$WORK/site/mamba_ssm/__init__.py"
   local name=${source##*/}
   "$PYTHON" - "$WORK/${name%.tar.gz}/csrc/selective_scan" "$WORK/ext" "$NVCC_FLAGS" <<'PY'
 import json
