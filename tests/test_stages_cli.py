@@ -8,6 +8,7 @@ folders. Other test files reuse :func:`cli_args` and :func:`run_cli` from here.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -268,3 +269,21 @@ def test_gpu_trainer_configs_select_the_cuda_scan_and_stop_without_mamba_ssm(
     assert cli.model.backbone.config.ssm_impl == "cuda"
     with pytest.raises(ImportError, match="make setup-cuda"):
         run_cli(args, monkeypatch)
+
+
+def test_a_failing_embedding_projector_is_logged_and_the_backbone_still_exported(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The projector is an optional view run on rank 0 while the other ranks wait in the export: its
+    failure must not stop the run (nor leave them waiting)."""
+    from mambaxray_ctl.stages import ContrastiveModule
+
+    def broken_embed(self: ContrastiveModule, batch: dict) -> None:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(ContrastiveModule, "embed", broken_embed)
+    with caplog.at_level(logging.ERROR, logger="mambaxray_ctl"):
+        cli = _fit(world, tmp_path, "stage2", monkeypatch, "--trainer.limit_val_batches=0")
+    assert "EmbeddingProjector: embedding the validation split failed" in caplog.text
+    assert "CUDA out of memory (simulated)" in caplog.text
+    assert (Path(cli.trainer.log_dir) / "backbone.safetensors").is_file()

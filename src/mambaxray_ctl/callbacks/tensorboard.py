@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
@@ -15,6 +16,8 @@ from lightning.pytorch.utilities.seed import isolate_rng
 
 from mambaxray_ctl.evaluation.qualitative import collect_embeddings
 from mambaxray_ctl.evaluation.report_metrics import sentence_bleu4
+
+log = logging.getLogger(__name__)
 
 
 def _tensorboard(trainer: Trainer) -> Any | None:
@@ -101,9 +104,14 @@ class EmbeddingProjector(Callback):
             return
         if not trainer.is_global_zero or writer is None or not hasattr(pl_module, "embed"):
             return
-        with isolate_rng():  # the loader draws a seed: the checkpoint saved after this keeps training's RNG
-            loader = trainer.datamodule.val_dataloader()
-            ids, image, text = collect_embeddings(pl_module, loader, self.max_studies)
+        try:
+            # isolate_rng: the loader draws a seed, and the checkpoint saved after this keeps training's RNG
+            with isolate_rng():
+                loader = trainer.datamodule.val_dataloader()
+                ids, image, text = collect_embeddings(pl_module, loader, self.max_studies)
+        except Exception:  # an optional view: the export and the other ranks must not wait on it
+            log.exception("EmbeddingProjector: embedding the validation split failed; no projector data")
+            return
         features = torch.from_numpy(np.concatenate([image, text]))
         metadata = [[study, kind] for kind in ("image", "text") for study in ids]
         writer.add_embedding(
