@@ -4,7 +4,8 @@ Lightning's FSDP cannot run on a CPU with torch 2.13 (FSDP refuses Lightning's `
 and its CPU offload of full state dicts crashes), and DeepSpeed needs CUDA. So these tests build the
 strategies from the project's config files, wrap a real stage-3 module (tiny LM in bf16) with FSDP the
 way :class:`StageFSDPStrategy` does, in a one-process gloo group, and check the export and checkpoint
-functions on real state dicts; the multi-GPU runs are in the GPU check.
+functions on real state dicts. ``fit``, resume and predict through Lightning under both strategies need
+GPUs and are not automated yet (README, "GPU check").
 """
 
 from __future__ import annotations
