@@ -193,7 +193,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["stage2", "stage3"])
 def test_two_nodes_with_torchrun_equal_one_node_with_two_processes(
     stage: str, world: Path, tmp_path: Path
