@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from mambaxray_ctl.lightning_cli import MambaXrayCLI
 from mambaxray_ctl.stages import SimCLRModule
 from test_data_helpers import write_truncated_png
 from test_stage1_alternatives import SIMCLR_TINY
+from test_stage_losses import free_port
 from test_stages_cli import CONFIGS, STAGE_CONFIGS, cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,12 +187,6 @@ def test_stage1_on_two_processes_exports_once(stage: str, world: Path, tmp_path:
     only(list(tmp_path.rglob("backbone.safetensors")))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("stage", ["stage2", "stage3"])
 def test_two_nodes_with_torchrun_equal_one_node_with_two_processes(
     stage: str, world: Path, tmp_path: Path
@@ -206,7 +200,7 @@ def test_two_nodes_with_torchrun_equal_one_node_with_two_processes(
         extra.append("--model.init_args.max_target_tokens=8")
     run_mambaxray(cli_args(world, tmp_path / "one_node", stage, "fit", *extra, *DDP))
 
-    port = _free_port()
+    port = free_port()
     nodes_args = cli_args(world, tmp_path / "two_nodes", stage, "fit", *extra, *DDP)
     nodes_args += ["--trainer.devices=1", "--trainer.num_nodes=2"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]

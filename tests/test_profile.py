@@ -117,7 +117,10 @@ def test_stage1_projects_images(tmp_path: Path) -> None:
         (["--stage", "2", "--gradient-checkpointing"], "stage-3 setting"),
         (["--steps", "1"], "--steps >= 2"),
         (["--configs", "missing"], "run from the repository root"),
-        (["--stage", "3", "--devices", "3"], "data.batch_size=20 is the GLOBAL batch and is not divisible"),
+        (
+            ["--stage", "3", "--devices", "3"],
+            "data.batch_size=20 is the GLOBAL batch size and must be a positive multiple of the world size 3",
+        ),
         (["--devices", "0"], "--devices >= 1"),
         pytest.param(
             ["--accelerator", "gpu"],

@@ -11,9 +11,6 @@ GPUs and are not automated yet (README, "GPU check").
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,18 +44,14 @@ from mambaxray_ctl.stages.sharding import (
     missing_trainable,
     restore_frozen,
 )
+from test_ddp import run_command
 from test_stage1_arm import tiny_arm
+from test_stage_losses import free_port
 from test_stages_cli import CONFIGS, cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_ON_CPU = ["-c", str(CONFIGS / "trainer" / "fsdp.yaml"), "--trainer.accelerator=cpu"]
 FSDP_ON_CPU += ["--trainer.devices=1", "--trainer.precision=32-true", "--model.init_args.ssm_impl=null"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -242,11 +235,7 @@ def test_two_rank_full_shard_step_gathers_to_the_one_process_weights(world: Path
         "--nproc-per-node=2",
         f"--master-port={free_port()}",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*launch, __file__, str(world), str(out)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_command([*launch, __file__, str(world), str(out)], timeout=300)
     saved = torch.load(out)
     assert saved["local"] < saved["total"]  # rank 0 held a shard of the trainables, not all of them
     fsdp, single = saved["fsdp"], saved["single"]

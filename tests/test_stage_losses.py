@@ -46,7 +46,7 @@ def test_without_process_group_gather_is_identity() -> None:
     assert gather_with_grad(x) is x
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -84,7 +84,7 @@ def test_gathered_loss_and_gradients_on_two_ranks_equal_single_process() -> None
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), queue), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), queue), nprocs=2, join=True)
     results = [queue.get(timeout=60) for _ in range(2)]
     for _, loss, grads in results:
         assert loss == pytest.approx(single.item(), abs=1e-6)

@@ -65,6 +65,16 @@ _STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
 }
 
 
+def per_device_batch_size(global_size: int, name: str, world: int) -> int:
+    """A GLOBAL batch size split over ``world`` ranks; ``ValueError`` naming ``name`` if it does not split."""
+    if global_size < 1 or global_size % world:
+        raise ValueError(
+            f"{name}={global_size} is the GLOBAL batch size and must be a positive multiple of the "
+            f"world size {world} (devices x nodes); e.g. {name}={max(1, global_size // world) * world}"
+        )
+    return global_size // world
+
+
 class ReportDataModule(LightningDataModule):
     """R2Gen-format annotation + image folder → batches of multi-view studies (or single images).
 
@@ -157,14 +167,6 @@ class ReportDataModule(LightningDataModule):
     def _world(self) -> tuple[int, int]:
         """(world size, global rank); (1, 0) without a trainer."""
         return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-
-    def _per_device(self, global_size: int, name: str, world: int) -> int:
-        if global_size < 1 or global_size % world:
-            raise ValueError(
-                f"{name}={global_size} is the GLOBAL batch size and must be a positive multiple of the "
-                f"world size {world} (devices x nodes); e.g. {name}={max(1, global_size // world) * world}"
-            )
-        return global_size // world
 
     def _resolve_skipped_path(self) -> Path:
         """``skipped_file``, else ``<trainer.log_dir>/skipped.jsonl``. ``trainer.log_dir`` is a
@@ -283,8 +285,8 @@ class ReportDataModule(LightningDataModule):
         hp = self.hparams
         self._skipped_file = self._resolve_skipped_path()
         world, _ = self._world()
-        self.batch_size_per_device = self._per_device(hp.batch_size, "batch_size", world)
-        self.eval_batch_size_per_device = self._per_device(
+        self.batch_size_per_device = per_device_batch_size(hp.batch_size, "batch_size", world)
+        self.eval_batch_size_per_device = per_device_batch_size(
             hp.eval_batch_size or hp.batch_size, "eval_batch_size", world
         )
         required = (hp.predict_split,) if stage == "predict" else _STAGE_SPLITS[stage]

@@ -55,7 +55,7 @@ class _ReplacingDataset(Dataset):
         tries = min(len(self) - 1, MAX_REPLACEMENT_TRIES)
         for offset in range(1, tries + 1):
             try:
-                return {**self._load((index + offset) % len(self)), "failed": [problem]}
+                return {**self._load((index + offset) % len(self)), "failed": problem}
             except ImageDecodeError:
                 continue
         raise DataValidationError(
@@ -124,7 +124,7 @@ class ImageDataset(_ReplacingDataset):
 
 
 def _failures(samples: Sequence[dict[str, Any]]) -> list[Problem]:
-    return [problem for sample in samples for problem in sample.get("failed", [])]
+    return [sample["failed"] for sample in samples if "failed" in sample]
 
 
 def collate_studies(samples: Sequence[dict[str, Any]], image_size: int) -> dict[str, Any]:

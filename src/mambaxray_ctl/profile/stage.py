@@ -20,6 +20,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule
 
+from mambaxray_ctl.data.datamodules import per_device_batch_size
 from mambaxray_ctl.lightning_cli import MambaXrayCLI
 from mambaxray_ctl.profile.models import synthetic_reports
 
@@ -55,13 +56,10 @@ def stage_config(configs: Path, stage: str, dataset: str) -> Namespace:
 
 def per_device_batch(config: Namespace, world_size: int) -> int:
     """The config's ``data.batch_size`` (GLOBAL: the DataModule splits it across ranks) per device."""
-    global_batch = int(config.data.init_args.batch_size)
-    if global_batch < 1 or global_batch % world_size:
-        raise ValueError(
-            f"the config's data.batch_size={global_batch} is the GLOBAL batch and is not divisible by the "
-            f"world size {world_size} (devices x nodes): pass --batch-size (per device)"
-        )
-    return global_batch // world_size
+    try:
+        return per_device_batch_size(int(config.data.init_args.batch_size), "data.batch_size", world_size)
+    except ValueError as err:
+        raise ValueError(f"{err}; or pass --batch-size (per device)") from None
 
 
 # The module -------------------------------------------------------------------------------------------------
