@@ -31,8 +31,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic world (30 studies, 64 px) with a tiny causal LM and text encoder in ``text/``."""
     from mambaxray_ctl.data.cleaning import clean_report
-    from mambaxray_ctl.data.demo_world import generate_world
-    from mambaxray_ctl.text.demo_models import build_text_encoder, train_causal_lm
+    from mambaxray_ctl.demo.text_models import build_text_encoder, train_causal_lm
+    from mambaxray_ctl.demo.world import generate_world
 
     root = tmp_path_factory.mktemp("world")
     generate_world(root, n=30, seed=0, size=64, workers=1)

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from mambaxray_ctl.data import CheXpertPlusDataModule, DemoDataModule, IUXrayDataModule, ReportDataModule
+from mambaxray_ctl.data import CheXpertPlusDataModule, IUXrayDataModule, ReportDataModule
 from mambaxray_ctl.data.annotations import DataValidationError
 from mambaxray_ctl.data.prepare import build_cache
+from mambaxray_ctl.demo.datamodule import DemoDataModule
 from test_data_helpers import make_dataset, write_png, write_truncated_png
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mambaxray_ctl.cli import main
 from mambaxray_ctl.data.cleaning import clean_report_iu_xray
-from mambaxray_ctl.data.demo_world import (
+from mambaxray_ctl.demo.world import (
     LABEL_NAMES,
     Findings,
     extract_labels,
@@ -136,7 +136,7 @@ def test_world_is_deterministic_and_labelled(tmp_path: Path) -> None:
 
 
 def test_make_demo_data_command_and_datamodule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from mambaxray_ctl.data import DemoDataModule
+    from mambaxray_ctl.demo.datamodule import DemoDataModule
 
     out = tmp_path / "demo"
     assert main(["make-demo-data", "--out", str(out), "--n", "10", "--size", "32", "--workers", "1"]) == 0

@@ -24,7 +24,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from mambaxray_ctl.ablation import read_row
+from mambaxray_ctl.demo.ablation import read_row
 from mambaxray_ctl.lightning_cli import MambaXrayCLI
 from mambaxray_ctl.stages import SimCLRModule
 from test_data_helpers import write_truncated_png

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from mambaxray_ctl.data.demo_world import LABEL_NAMES
-from mambaxray_ctl.evaluation.clinical import (
+from mambaxray_ctl.demo.labeller import DemoWorldLabeler
+from mambaxray_ctl.demo.world import LABEL_NAMES
+from mambaxray_ctl.metrics.clinical import (
     ClinicalEfficacy,
-    DemoWorldLabeler,
     clinical_scores,
     label_reports,
     load_labeler,

@@ -10,7 +10,7 @@ import pytest
 
 from mambaxray_ctl.data.cleaning import clean_report
 from mambaxray_ctl.evaluation import evaluate
-from mambaxray_ctl.evaluation.report_metrics import score_reports
+from mambaxray_ctl.metrics.report import score_reports
 
 FIXTURE = Path(__file__).parent / "fixtures" / "evaluation" / "golden_pairs.json"
 

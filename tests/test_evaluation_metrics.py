@@ -14,9 +14,10 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-from mambaxray_ctl.data.demo_world import LABEL_NAMES
-from mambaxray_ctl.evaluation.clinical import ClinicalEfficacy, DemoWorldLabeler, clinical_scores
-from mambaxray_ctl.evaluation.report_metrics import (
+from mambaxray_ctl.demo.labeller import DemoWorldLabeler
+from mambaxray_ctl.demo.world import LABEL_NAMES
+from mambaxray_ctl.metrics.clinical import ClinicalEfficacy, clinical_scores
+from mambaxray_ctl.metrics.report import (
     ReportMetrics,
     decode_texts,
     encode_texts,

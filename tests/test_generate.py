@@ -10,7 +10,7 @@ import torch
 
 from mambaxray_ctl.cli import main
 from mambaxray_ctl.data.images import EvalTransform, load_image
-from mambaxray_ctl.generate import eval_transform, inspect_checkpoint, load_module, load_study
+from mambaxray_ctl.evaluation.generate import eval_transform, inspect_checkpoint, load_module, load_study
 from test_stages_cli import cli_args, run_cli
 
 REAL_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_images"

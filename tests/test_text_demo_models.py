@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from mambaxray_ctl.text import demo_models
-from mambaxray_ctl.text.demo_models import build_text_encoder, train_causal_lm, train_tokenizer
+from mambaxray_ctl.demo import text_models as demo_models
+from mambaxray_ctl.demo.text_models import build_text_encoder, train_causal_lm, train_tokenizer
 
 REPORTS = [
     "the lungs are clear . no pneumothorax .",
@@ -183,7 +183,7 @@ def test_demo_lm_writes_the_findings_its_image_slot_names(tmp_path: Path) -> Non
     from sklearn.metrics import f1_score
 
     from mambaxray_ctl.data.cleaning import clean_report
-    from mambaxray_ctl.data.demo_world import extract_labels, sample_study
+    from mambaxray_ctl.demo.world import extract_labels, sample_study
     from mambaxray_ctl.text.llm import ReportLM
 
     train = [{"id": str(i), "report": sample_study(0, i)[1], "image_path": []} for i in range(1680)]
@@ -208,7 +208,7 @@ def test_demo_lm_writes_the_findings_its_image_slot_names(tmp_path: Path) -> Non
 def test_demo_rebuilds_text_models_of_an_older_recipe_or_world(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mambaxray_ctl.demo import _text_models_current
+    from mambaxray_ctl.demo.run import _text_models_current
 
     (tmp_path / "lm").mkdir()
     assert not _text_models_current(tmp_path, 2)  # nothing built yet
@@ -228,8 +228,8 @@ def test_demo_regenerates_a_world_of_an_older_version_and_its_text_models(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from mambaxray_ctl import cli
-    from mambaxray_ctl.data.demo_world import WORLD_VERSION
-    from mambaxray_ctl.demo import prepare_demo_data
+    from mambaxray_ctl.demo.run import prepare_demo_data
+    from mambaxray_ctl.demo.world import WORLD_VERSION
 
     calls: list[str] = []
     monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv[0]) or 0)
@@ -250,7 +250,8 @@ def test_demo_regenerates_a_world_of_an_older_version_and_its_text_models(
 def test_demo_data_only_prepares_the_world_and_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mambaxray_ctl import cli, demo
+    from mambaxray_ctl import cli
+    from mambaxray_ctl.demo import run as demo
 
     calls: list[str] = []
     monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv[0]) or 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mambaxray_ctl.text.demo_models import build_text_encoder
+from mambaxray_ctl.demo.text_models import build_text_encoder
 from mambaxray_ctl.text.encoder import TextEncoder
 
 REPORTS = [

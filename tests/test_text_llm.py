@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, Qwen2Config
 
-from mambaxray_ctl.text.demo_models import train_causal_lm
+from mambaxray_ctl.demo.text_models import train_causal_lm
 from mambaxray_ctl.text.llm import DEFAULT_PROMPT, ReportLM
 from mambaxray_ctl.text.loading import RANDOM_INIT_MARKER, save_random_init
 

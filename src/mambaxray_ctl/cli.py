@@ -29,23 +29,23 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
         "score a predictions.jsonl with the paper's protocol and print the table; writes metrics.json",
     ),
     "build-demo-text-models": (
-        "mambaxray_ctl.text.demo_models",
+        "mambaxray_ctl.demo.text_models",
         "train the demo's small tokenizer and causal LM (Qwen's stand-in) and build its small text encoder",
     ),
     "generate": (
-        "mambaxray_ctl.generate",
+        "mambaxray_ctl.evaluation.generate",
         "write the report of one study (one image file per view) with a stage-3 checkpoint",
     ),
     "ablation": (
-        "mambaxray_ctl.ablation",
+        "mambaxray_ctl.demo.ablation",
         "run the rows of the paper's Table II on the demo world and print the table (`make ablation`)",
     ),
     "demo": (
-        "mambaxray_ctl.demo",
+        "mambaxray_ctl.demo.run",
         "run the whole pipeline on the synthetic world on a CPU and print the metrics table (`make demo`)",
     ),
     "make-demo-data": (
-        "mambaxray_ctl.data.demo_world",
+        "mambaxray_ctl.demo.world",
         "generate the synthetic chest X-ray world used by the demo and the tests",
     ),
     "profile": (

@@ -1,8 +1,8 @@
 """Data: R2Gen-format annotations, report cleaning, image loading, DataModules, dataset preparation
-and the synthetic chest X-ray world.
+(the synthetic world's DataModule lives in :mod:`mambaxray_ctl.demo`).
 
 The DataModules are imported lazily (``from mambaxray_ctl.data import IUXrayDataModule`` works),
-so that the tool commands (``prepare``, ``make-demo-data``) start without importing Lightning.
+so that the tool commands (``prepare``) start without importing Lightning.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ _DATAMODULES = (
     "IUXrayDataModule",
     "CheXpertPlusDataModule",
     "MIMICCXRDataModule",
-    "DemoDataModule",
 )
 __all__ = list(_DATAMODULES)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from mambaxray_ctl.data.cleaning import clean_report, is_empty_report
-from mambaxray_ctl.evaluation.clinical import Labeler, clinical_scores, label_reports, load_labeler
-from mambaxray_ctl.evaluation.report_metrics import MeteorOption, deduplicate, score_reports
+from mambaxray_ctl.metrics.clinical import Labeler, clinical_scores, label_reports, load_labeler
+from mambaxray_ctl.metrics.report import MeteorOption, deduplicate, score_reports
 
 DATASET_RULES = {"iu_xray": "iu_xray", "chexpert_plus": "mimic_cxr", "demo": "mimic_cxr"}
 REQUIRED_KEYS = ("id", "generated", "reference")

@@ -114,7 +114,7 @@ def load_predictions(path: str | Path) -> list[dict[str, Any]]:
 
 def rank_by_bleu4(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Copies of ``rows`` with their sentence BLEU-4 (``"bleu4"``), best first (stable for ties)."""
-    from mambaxray_ctl.evaluation.report_metrics import sentence_bleu4
+    from mambaxray_ctl.metrics.report import sentence_bleu4
 
     scored = [{**row, "bleu4": sentence_bleu4(row["generated"], row["reference"])} for row in rows]
     return sorted(scored, key=lambda row: -row["bleu4"])
@@ -285,7 +285,7 @@ def _normalize(array: np.ndarray) -> np.ndarray:
 def alignment_summary(image: np.ndarray, text: np.ndarray) -> dict[str, float]:
     """Cosine similarity of the matched (image, text) pairs vs the unmatched ones, and image→text and
     text→image recall@1/5 over the given studies (chance: k / N)."""
-    from mambaxray_ctl.evaluation.retrieval import recall_at_k
+    from mambaxray_ctl.metrics.retrieval import recall_at_k
 
     similarity = torch.from_numpy(_normalize(image) @ _normalize(text).T)
     n = similarity.shape[0]
@@ -351,15 +351,15 @@ def study_loader(
 ) -> DataLoader:
     """A dataloader over ``split`` built like the run's own: the DataModule class and arguments
     recorded in the stage-3 ``checkpoint`` (``annotation``/``image_root`` replace moved files)."""
-    from mambaxray_ctl.data import datamodules
-    from mambaxray_ctl.generate import inspect_checkpoint
+    from mambaxray_ctl.compat import import_class
+    from mambaxray_ctl.data.datamodules import ReportDataModule
+    from mambaxray_ctl.evaluation.generate import inspect_checkpoint
 
     recorded = dict(inspect_checkpoint(checkpoint).datamodule_hparams)
-    class_name = str(recorded.pop("_class_path", "ReportDataModule")).rpartition(".")[2]
+    cls = import_class(str(recorded.pop("_class_path", "mambaxray_ctl.data.ReportDataModule")))
     recorded.pop("_instantiator", None)
-    cls = getattr(datamodules, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, datamodules.ReportDataModule)):
-        cls = datamodules.ReportDataModule
+    if not (isinstance(cls, type) and issubclass(cls, ReportDataModule)):
+        raise ValueError(f"{checkpoint} records the DataModule {cls!r}, not a ReportDataModule")
     if "annotation" not in recorded and annotation is None:
         raise ValueError(f"{checkpoint} records no DataModule arguments; pass annotation= and image_root=")
     overrides: dict[str, Any] = {
@@ -383,7 +383,7 @@ def study_loader(
 
 def load_stage3(checkpoint: str | Path, llm: str | None = None, device: str = "cpu") -> ReportGenModule:
     """The stage-3 module of ``checkpoint`` in eval mode (``llm`` replaces a moved LM folder)."""
-    from mambaxray_ctl.generate import inspect_checkpoint, load_module
+    from mambaxray_ctl.evaluation.generate import inspect_checkpoint, load_module
 
     info = inspect_checkpoint(checkpoint)
     if llm is None and info.hparams.get("llm"):
@@ -403,7 +403,7 @@ def _from_project_root(path: str | Path, checkpoint: str | Path) -> Path:
 
 def checkpoint_hparams(checkpoint: str | Path) -> dict[str, Any]:
     """The hyper-parameters recorded in a stage-3 checkpoint (``ctl_weight``, ``llm``, ...)."""
-    from mambaxray_ctl.generate import inspect_checkpoint
+    from mambaxray_ctl.evaluation.generate import inspect_checkpoint
 
     return inspect_checkpoint(checkpoint).hparams
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from transformers import BertConfig, LlamaConfig, PretrainedConfig, Qwen2Config
 
 from mambaxray_ctl.data.cleaning import clean_report
-from mambaxray_ctl.data.demo_world import sample_study
-from mambaxray_ctl.text.demo_models import train_tokenizer
+from mambaxray_ctl.demo.text_models import train_tokenizer
+from mambaxray_ctl.demo.world import sample_study
 from mambaxray_ctl.text.llm import DEFAULT_PROMPT, DEFAULT_TEMPLATE, split_template
 from mambaxray_ctl.text.loading import save_random_init
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from mambaxray_ctl.evaluation.retrieval import RetrievalRecall
+from mambaxray_ctl.metrics.retrieval import RetrievalRecall
 from mambaxray_ctl.ops import ScanImpl
 from mambaxray_ctl.stages.base import BackboneStage
 from mambaxray_ctl.stages.losses import LogitScale, clip_loss

@@ -8,8 +8,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from mambaxray_ctl.evaluation.clinical import ClinicalEfficacy, label_reports, load_labeler
-from mambaxray_ctl.evaluation.report_metrics import ReportMetrics, truncate_references
+from mambaxray_ctl.metrics.clinical import ClinicalEfficacy, label_reports, load_labeler
+from mambaxray_ctl.metrics.report import ReportMetrics, truncate_references
 from mambaxray_ctl.ops import ScanImpl
 from mambaxray_ctl.stages.base import BackboneStage
 from mambaxray_ctl.stages.contrastive import encode_studies

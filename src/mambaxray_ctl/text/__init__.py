@@ -1,4 +1,4 @@
-"""Text side: the stage-2 report encoder, the frozen stage-3 report LM and the demo's local text models.
+"""Text side: the stage-2 report encoder, the frozen stage-3 report LM and model loading.
 
 Names are imported lazily, so ``import mambaxray_ctl.text`` does not import transformers.
 """
@@ -14,9 +14,6 @@ _EXPORTS = {
     "ReportLM": "llm",
     "DEFAULT_PROMPT": "llm",
     "DEFAULT_TEMPLATE": "llm",
-    "train_tokenizer": "demo_models",
-    "train_causal_lm": "demo_models",
-    "build_text_encoder": "demo_models",
 }
 __all__ = list(_EXPORTS)
 

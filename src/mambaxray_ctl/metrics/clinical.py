@@ -26,8 +26,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from mambaxray_ctl.data.demo_world import LABEL_NAMES, extract_labels
-from mambaxray_ctl.evaluation.report_metrics import (
+from mambaxray_ctl.metrics.report import (
     add_text_state,
     decode_texts,
     deduplicate,
@@ -44,19 +43,13 @@ class Labeler(Protocol):
     def __call__(self, reports: Sequence[str]) -> list[list[int]]: ...
 
 
-class DemoWorldLabeler:
-    """The demo world's rule-based report reader, :func:`mambaxray_ctl.data.demo_world.extract_labels`."""
-
-    label_names: Sequence[str] = LABEL_NAMES
-
-    def __call__(self, reports: Sequence[str]) -> list[list[int]]:
-        return [extract_labels(report) for report in reports]
+BUILTIN_LABELERS = {"demo": "mambaxray_ctl.demo.labeller:DemoWorldLabeler"}
 
 
 def load_labeler(spec: str) -> Labeler:
-    """``"demo"`` or ``"package.module:ClassName"`` (instantiated without arguments)."""
-    if spec == "demo":
-        return DemoWorldLabeler()
+    """A name in :data:`BUILTIN_LABELERS` or ``"package.module:ClassName"`` (instantiated without
+    arguments)."""
+    spec = BUILTIN_LABELERS.get(spec, spec)
     module_name, sep, class_name = spec.partition(":")
     if not sep or not module_name or not class_name:
         raise ValueError(f"unknown labeler {spec!r}: use 'demo' or 'package.module:ClassName'")

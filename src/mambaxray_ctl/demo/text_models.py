@@ -52,7 +52,7 @@ from transformers import (
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
 
 from mambaxray_ctl.data.cleaning import CleaningRule, clean_report
-from mambaxray_ctl.data.demo_world import LABEL_NAMES, extract_labels
+from mambaxray_ctl.demo.world import LABEL_NAMES, extract_labels
 from mambaxray_ctl.text.llm import DEFAULT_PROMPT, DEFAULT_TEMPLATE, split_template
 
 log = logging.getLogger(__name__)

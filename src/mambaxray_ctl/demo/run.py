@@ -74,7 +74,7 @@ def stage_args(configs: Path, data: Path, out: Path, config: str) -> list[str]:
 def prepare_demo_data(data: Path, studies: int, seed: int, timings: dict[str, float]) -> bool:
     """Generate the world and build its text models unless current; False on failure."""
     from mambaxray_ctl.cli import main
-    from mambaxray_ctl.data.demo_world import WORLD_VERSION
+    from mambaxray_ctl.demo.world import WORLD_VERSION
 
     annotation = data / "annotation.json"
     rebuild_text = False
@@ -109,7 +109,7 @@ def _world_version(annotation: Path) -> int | None:
 def _text_models_current(folder: Path, world_version: int) -> bool:
     """Whether ``folder`` holds text models of the current recipe built on this world version; others
     are rebuilt, with a notice."""
-    from mambaxray_ctl.text.demo_models import BUILD_LOG, RECIPE
+    from mambaxray_ctl.demo.text_models import BUILD_LOG, RECIPE
 
     if not (folder / "lm" / "config.json").is_file():
         return False

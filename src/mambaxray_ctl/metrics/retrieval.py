@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from mambaxray_ctl.evaluation.report_metrics import add_text_state, decode_texts, deduplicate, encode_texts
+from mambaxray_ctl.metrics.report import add_text_state, decode_texts, deduplicate, encode_texts
 
 
 def recall_at_k(similarity: Tensor, ks: Sequence[int]) -> dict[str, float]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mambaxray_ctl.demo import prepare_demo_data, run_pipeline
+from mambaxray_ctl.demo.run import prepare_demo_data, run_pipeline
 
 COLUMNS = (("BLEU_4", "BLEU-4"), ("ROUGE_L", "ROUGE-L"), ("CIDEr", "CIDEr"), ("CE_F1_macro", "CE-F1"))
 STAGE_CONFIGS = {"stage1_arm", "stage1_mae", "stage1_simclr", "stage2_contrastive", "stage3_reportgen"}
