@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mambaxray_ctl.data.demo_world import generate_world
 from mambaxray_ctl.data.prepare import build_cache
+from mambaxray_ctl.demo.world import generate_world
 
 RESULTS = Path(__file__).parent / "results" / "data.json"
 
