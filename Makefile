@@ -7,21 +7,25 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 CLI        := $(VENV)/bin/mambaxray-ctl
 
-# Training: `make stage1 DATA=iu_xray`, then stage2, stage3. DATA is a file in configs/data/;
-# configs/$(DATA)/<stage config>.yaml, when present, adds that dataset's settings for the stage.
+# Training: `make stage1 DATA=iu_xray`, then stage2, stage3, predict, evaluate. DATA is a file in
+# configs/data/; configs/$(DATA)/<stage config>.yaml, when present, adds that dataset's settings for the
+# stage. The rules (configs, hand-off, checkpoint to predict from) live in `mambaxray-ctl pipeline`
+# (src/mambaxray_ctl/pipeline.py); these targets only pass the variables on.
 DATA       ?= demo
 TRAINER    ?= $(if $(filter demo,$(DATA)),cpu,gpu)
-RUNS       := outputs/$(DATA)
+# Stage 1's pretraining method: arm (the paper's), mae or simclr (Table II's alternatives).
+STAGE1     ?= arm
+# Extra LightningCLI arguments, e.g. ARGS="--trainer.max_epochs=2".
 ARGS       ?=
-CKPT       ?= $(call newest,$(RUNS)/stage3/*/checkpoints/last.ckpt)
-# The newest file matching a glob (runs are versioned: outputs/<data>/stageN/version_K/).
-newest      = $(shell ls -t $(1) 2>/dev/null | head -n 1)
-configs     = -c configs/data/$(DATA).yaml -c configs/$(1).yaml \
-              $(addprefix -c ,$(wildcard configs/$(DATA)/$(1).yaml)) -c configs/trainer/$(TRAINER).yaml
-# INIT=path overrides the hand-off; INIT=none starts the stage from scratch.
-init_arg    = $(if $(filter none,$(1)),--model.init_args.init_from=null,\
-              $(if $(1),--model.init_args.init_from=$(1),$(error no $(2) export under $(RUNS); \
-              run `make $(2) DATA=$(DATA)` first or pass INIT=path (INIT=none: no hand-off))))
+# INIT=path overrides the hand-off (default: the newest export of the previous stage); INIT=none: none.
+INIT       ?=
+# CKPT=checkpoint (or stage-3 run folder) to predict from; default: the newest stage-3 run's best
+# checkpoint by val/score when validation ran, else its last.ckpt.
+CKPT       ?=
+# PRED=predictions.jsonl to score; default: the newest one under outputs/$(DATA)/stage3/.
+PRED       ?=
+PIPELINE    = $(CLI) pipeline
+STEP_OPTS   = --data $(DATA) --trainer $(TRAINER)
 DEMO_DATA   = $(if $(filter demo,$(DATA)),demo-data)
 
 .PHONY: help setup setup-cuda test test-full lint bench clean demo demo-data stage1 stage2 stage3 \
@@ -75,25 +79,23 @@ demo: setup  ## the whole pipeline on the synthetic world, on a CPU: data, 3 sta
 demo-data: setup  ## generate the synthetic world and its small text models (rebuilt when of an older version)
 	$(CLI) demo --data-only
 
-stage1: setup $(DEMO_DATA)  ## stage 1 (ARM pretraining) on DATA; export -> outputs/DATA/stage1/version_*/
-	$(CLI) fit $(call configs,stage1_arm) $(ARGS)
+stage1: setup $(DEMO_DATA)  ## stage 1 (pretraining, STAGE1=arm|mae|simclr) on DATA; export -> outputs/DATA/stage1/version_*/
+	$(PIPELINE) stage1 $(STEP_OPTS) --method $(STAGE1) $(if $(INIT),--init $(INIT)) -- $(ARGS)
 
 stage2: setup $(DEMO_DATA)  ## stage 2 (contrastive) from the newest stage-1 export (or INIT=path|none)
-	$(CLI) fit $(call configs,stage2_contrastive) \
-		$(call init_arg,$(or $(INIT),$(call newest,$(RUNS)/stage1/*/backbone.safetensors)),stage1) $(ARGS)
+	$(PIPELINE) stage2 $(STEP_OPTS) $(if $(INIT),--init $(INIT)) -- $(ARGS)
 
 stage3: setup $(DEMO_DATA)  ## stage 3 (report generation) from the newest stage-2 export (or INIT=path|none)
-	$(CLI) fit $(call configs,stage3_reportgen) \
-		$(call init_arg,$(or $(INIT),$(call newest,$(RUNS)/stage2/*/backbone.safetensors)),stage2) $(ARGS)
+	$(PIPELINE) stage3 $(STEP_OPTS) $(if $(INIT),--init $(INIT)) -- $(ARGS)
 
-predict: setup $(DEMO_DATA)  ## predictions.jsonl for the test split from CKPT (default: newest stage-3 last.ckpt)
-	$(CLI) predict $(call configs,stage3_reportgen) --ckpt_path $(CKPT) $(ARGS)
+predict: setup $(DEMO_DATA)  ## predictions.jsonl for the test split from CKPT (default: newest stage-3 run, best val/score else last)
+	$(PIPELINE) predict $(STEP_OPTS) $(if $(CKPT),--ckpt $(CKPT)) -- $(ARGS)
 
 ablation: setup  ## Table II rows (stage-1 choice, stage 2 on/off, CTL-FT on/off) on the demo world, CPU
 	$(CLI) ablation
 
-evaluate: setup  ## score PRED=path/to/predictions.jsonl with the paper's protocol
-	$(CLI) evaluate $(PRED) --dataset $(DATA)
+evaluate: setup  ## score PRED=path/to/predictions.jsonl (default: the newest of DATA) with the paper's protocol
+	$(PIPELINE) evaluate --data $(DATA) $(if $(PRED),--predictions $(PRED))
 
 .PHONY: profile gpu-check gpu-check-prepare
 # `make profile` options (mambaxray-ctl profile --help); on a GPU, e.g. PROFILE="--stage 3 --gradient-checkpointing".

@@ -34,9 +34,9 @@ def _meta(name: str) -> VisionMamba:
         return create_backbone(name)
 
 
-# --- sizes and key names of the official variants (METHOD-ANCHORS §1.5) ---
+# --- sizes and key names of the official variants (docs/METHOD.md#official-checkpoint-formats) ---
 
-# Hand-computed from the §1.5 shapes. ARM-Large, per layer: in_proj 2048·1024 = 2,097,152;
+# Hand-computed from the official shapes. ARM-Large, per layer: in_proj 2048·1024 = 2,097,152;
 # 4 × (conv 1024·4+1024 + x_proj 96·1024 + dt_proj 1024·64+1024 + A 1024·16 + D 1024) = 4 × 187,392;
 # out_proj 1,048,576; mlp 2 × (2730·1024+2730) + 1024·2730+1024 = 8,393,044; norms 4,096
 # -> 12,292,436 × 24 = 295,018,464; + patch_embed 787,456 + cls 1,024 + pos 197·1024 + norm_f 2,048.

@@ -1,4 +1,5 @@
-"""Backbone checkpoints: official formats (METHOD-ANCHORS §1.5, §1.6), reading, strict loading, export, CLI.
+"""Backbone checkpoints: official formats (docs/METHOD.md#official-checkpoint-formats), reading, strict
+loading, export, CLI.
 
 The official state dicts are built here from the documented key names and shape formulas, not from
 the model, so a naming difference between the backbone and the official checkpoints fails a test.
@@ -35,7 +36,7 @@ from mambaxray_ctl.cli import main
 
 REF = {"ssm_impl": "reference"}
 ARM_SMALL = {"embed_dim": 64, "depth": 2, **REF}  # same key structure as ARM-Base/Large, d_state 16
-VL_EXTRAS = {  # non-backbone keys of a stage-2/3 checkpoint (§3, §4.7)
+VL_EXTRAS = {  # non-backbone keys of a stage-2/3 checkpoint (docs/METHOD.md#stage-2-to-stage-3)
     "vision_proj.weight": (32, 64),
     "vision_proj.bias": (32,),
     "text_proj.weight": (32, 24),
@@ -45,7 +46,7 @@ VL_EXTRAS = {  # non-backbone keys of a stage-2/3 checkpoint (§3, §4.7)
     "llama_proj.weight": (48, 64),
     "layer_norm.weight": (48,),
 }
-DECODER_KEYS = {  # ARM stage-1 decoder side (§1.5b, §2), shrunk to a 16-wide decoder
+DECODER_KEYS = {  # ARM stage-1 decoder side (docs/METHOD.md#stage-1-to-stage-2), shrunk to 16 wide
     "ar_token": (1, 1, 16),
     "dec_pos_embed": (1, 128, 16),
     "enc2dec.weight": (64, 256),
@@ -61,7 +62,7 @@ DECODER_KEYS = {  # ARM stage-1 decoder side (§1.5b, §2), shrunk to a 16-wide 
 }
 
 
-# --- official-format builders (§1.5) ----------------------------------------------------------------------
+# --- official-format builders (docs/METHOD.md#official-checkpoint-formats) -------------------------------
 def _mixer_shapes(i: int, dim: int, d_inner: int, d_state: int, suffixes: tuple[str, ...]) -> dict:
     rank = math.ceil(dim / 16)
     m = f"layers.{i}.mixer."
@@ -80,7 +81,8 @@ def _mixer_shapes(i: int, dim: int, d_inner: int, d_state: int, suffixes: tuple[
 
 
 def arm_shapes(dim: int, depth: int, grid: int = 14, d_state: int = 16, stage1: bool = False) -> dict:
-    """§1.5a (stages 2-3: 4 directions, cls, norm_f) or the encoder part of §1.5b (stage 1)."""
+    """The ``mambaxray-vl`` layout (stages 2-3: 4 directions, cls, norm_f) or the encoder part of the
+    ``arm-pretrain`` one (stage 1)."""
     hidden = dim * 4 * 2 // 3
     shapes = {"patch_embed.proj.weight": (dim, 3, 16, 16), "patch_embed.proj.bias": (dim,)}
     shapes["pos_embed"] = (1, grid * grid + (0 if stage1 else 1), dim)
@@ -102,7 +104,7 @@ def arm_shapes(dim: int, depth: int, grid: int = 14, d_state: int = 16, stage1: 
 
 
 def vim_shapes(dim: int, depth: int, grid: int = 14, d_state: int = 16) -> dict:
-    """§1.5c: d_inner = 2D, 2 directions, RMSNorm weights only, classifier head."""
+    """The ``vim`` layout: d_inner = 2D, 2 directions, RMSNorm weights only, classifier head."""
     shapes = {
         "patch_embed.proj.weight": (dim, 3, 16, 16),
         "patch_embed.proj.bias": (dim,),

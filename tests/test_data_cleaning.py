@@ -1,4 +1,5 @@
-"""R2Gen cleaning rules on tricky strings; expected outputs worked out by hand from METHOD-ANCHORS §5.3."""
+"""R2Gen cleaning rules on tricky strings; expected outputs worked out by hand from the rules in
+docs/METHOD.md#report-cleaning."""
 
 from __future__ import annotations
 

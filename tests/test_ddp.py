@@ -39,9 +39,9 @@ DDP = [
     "--trainer.accelerator=cpu",
     "--trainer.devices=2",
     "--trainer.precision=32-true",
-    "--model.init_args.ssm_impl=null",
+    "--model.init_args.backbone.ssm_impl=null",
 ]
-NO_DROP_PATH = "--model.init_args.backbone_overrides={depth: 4, drop_path_rate: 0.0}"
+NO_DROP_PATH = "--model.init_args.backbone.overrides={depth: 4, drop_path_rate: 0.0}"
 LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -129,7 +129,7 @@ def test_stage3_on_two_processes_equals_one_process_then_predicts(world: Path, t
     assert min(len(tokenizer(e["report"])["input_ids"]) for e in annotation["train"]) >= max_tokens
     extra = [
         NO_DROP_PATH,
-        f"--model.init_args.max_target_tokens={max_tokens}",
+        f"--model.init_args.lm.max_target_tokens={max_tokens}",
         "--trainer.max_steps=2",
         "--trainer.limit_val_batches=0",
     ]
@@ -146,7 +146,7 @@ def test_stage3_on_two_processes_equals_one_process_then_predicts(world: Path, t
 
 def test_stage3_without_ctl_ft_on_two_processes(world: Path, tmp_path: Path) -> None:
     """Table II rows without CTL-FT: ``text_proj`` gets no gradient, so it must not be trainable."""
-    extra = ["--model.init_args.ctl_weight=0", "--trainer.max_steps=1", "--trainer.limit_val_batches=0"]
+    extra = ["--model.init_args.ctl_ft.weight=0", "--trainer.max_steps=1", "--trainer.limit_val_batches=0"]
     run_mambaxray(cli_args(world, tmp_path, "stage3", "fit", *extra, *DDP))
     only(list(tmp_path.rglob("backbone.safetensors")))
 
@@ -197,7 +197,7 @@ def test_two_nodes_with_torchrun_equal_one_node_with_two_processes(
     if stage == "stage2":
         extra.append(f"--model.init_args.text_encoder={encoder_without_dropout(world, tmp_path / 'enc')}")
     else:
-        extra.append("--model.init_args.max_target_tokens=8")
+        extra.append("--model.init_args.lm.max_target_tokens=8")
     run_mambaxray(cli_args(world, tmp_path / "one_node", stage, "fit", *extra, *DDP))
 
     port = free_port()
@@ -224,12 +224,14 @@ def test_two_nodes_with_torchrun_equal_one_node_with_two_processes(
 
 
 def _ablation_stage_runs() -> list[tuple[str, tuple[str, ...]]]:
-    """Every (stage config, extra arguments) that a Table II row in configs/ablation/ trains."""
+    """Every (stage config, extra arguments) that a Table II row in configs/ablation/ trains (its
+    overrides, each given as a config in a JSON string, as the pipeline gives them)."""
     runs = set()
     for path in sorted((CONFIGS / "ablation").glob("[0-9]*.yaml")):
         row = read_row(path)
-        for config in row["stages"]:
-            runs.add((config, tuple((row.get("args") or {}).get(config, []))))
+        for stage in row.stages:
+            configs = row.stage_overrides(stage.name)
+            runs.add((stage.config, tuple(arg for c in configs for arg in ("-c", json.dumps(c)))))
     return sorted(runs)
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from mambaxray_ctl.demo.findings import LABEL_NAMES
 from mambaxray_ctl.demo.labeller import DemoWorldLabeler
-from mambaxray_ctl.demo.world import LABEL_NAMES
 from mambaxray_ctl.metrics.clinical import (
     ClinicalEfficacy,
     clinical_scores,

@@ -88,6 +88,17 @@ def test_clean_applies_the_dataset_rule(tmp_path: Path) -> None:
     assert metrics["cleaning"] == "mimic_cxr"
 
 
+def test_clean_uses_the_rule_of_each_datasets_datamodule() -> None:
+    import inspect
+
+    from mambaxray_ctl.data.datamodules import CheXpertPlusDataModule, IUXrayDataModule
+    from mambaxray_ctl.demo.datamodule import DemoDataModule
+
+    modules = (IUXrayDataModule, CheXpertPlusDataModule, DemoDataModule)
+    defaults = {m.dataset_name: inspect.signature(m).parameters["cleaning"].default for m in modules}
+    assert defaults == evaluate.DATASET_RULES
+
+
 @pytest.mark.parametrize("rule", ["iu_xray", "mimic_cxr"])
 def test_cleaning_is_not_idempotent(rule: str) -> None:
     """Why texts are scored as written unless --clean: a second pass changes cleaned text."""

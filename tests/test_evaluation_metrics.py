@@ -14,8 +14,8 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
+from mambaxray_ctl.demo.findings import LABEL_NAMES
 from mambaxray_ctl.demo.labeller import DemoWorldLabeler
-from mambaxray_ctl.demo.world import LABEL_NAMES
 from mambaxray_ctl.metrics.clinical import ClinicalEfficacy, clinical_scores
 from mambaxray_ctl.metrics.report import (
     ReportMetrics,

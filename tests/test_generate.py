@@ -110,7 +110,7 @@ def test_a_checkpoint_of_another_stage_is_refused(
     )
     code, _, err = _generate(capsys, "--ckpt", anonymous, *study)
     assert code == 1
-    assert "unknown class" in err and "mapper.*" in err and "text_proj.*" in err and "'llm'" in err
+    assert "unknown class" in err and "mapper.*" in err and "text_proj.*" in err and "'lm.name'" in err
     assert "backbone, text_encoder" in err
 
     export = checkpoint.parents[1] / "backbone.safetensors"  # the run's backbone export
@@ -124,6 +124,38 @@ def test_a_checkpoint_of_another_stage_is_refused(
 
     code, _, err = _generate(capsys, "--ckpt", tmp_path / "absent.ckpt", *study)
     assert code == 1 and "checkpoint not found" in err
+
+
+def _flat_hyper_parameters(grouped: dict) -> dict:
+    """Hyper-parameters as stage 3 stored them before its arguments were grouped."""
+    from mambaxray_ctl.compat import REPORTGEN_MODEL_ARGS, SHARED_MODEL_ARGS
+
+    old_name = {new: old for old, new in {**SHARED_MODEL_ARGS, **REPORTGEN_MODEL_ARGS}.items()}
+    old_name["backbone.preset"] = "backbone"
+    flat = {name: value for name, value in grouped.items() if not isinstance(value, dict)}
+    for group, values in grouped.items():
+        if isinstance(values, dict):
+            for field, value in values.items():
+                name = old_name.get(f"{group}.{field}")
+                if name is not None:  # fields added since (e.g. decoding.top_p) did not exist
+                    flat[name] = value
+    flat.pop("_instantiator", None)
+    return flat
+
+
+def test_a_checkpoint_written_before_the_grouped_arguments_still_generates(
+    checkpoint: Path, study: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    full = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    old = tmp_path / "old.ckpt"
+    torch.save({**full, "hyper_parameters": _flat_hyper_parameters(full["hyper_parameters"])}, old)
+    assert "llm" in torch.load(old, weights_only=True)["hyper_parameters"]
+    code, expected, _ = _generate(capsys, "--ckpt", checkpoint, *study)
+    assert code == 0
+    with pytest.warns(FutureWarning, match="lm.name"):
+        code, out, err = _generate(capsys, "--ckpt", old, *study)
+    assert code == 0, err
+    assert out == expected
 
 
 def test_a_moved_lm_folder_suggests_llm(

@@ -116,12 +116,12 @@ def test_notebook_parameters_from_the_environment(tmp_path: Path) -> None:
     assert q.notebook_parameters({}, IMAGE_ROOT="data/x")["IMAGE_ROOT"] == q.project_root() / "data/x"
 
 
-def test_find_stage3_checkpoint_by_ctl_weight(tmp_path: Path) -> None:
+def test_find_stage3_checkpoint_by_ctl_ft_weight(tmp_path: Path) -> None:
     for name, weight in (("a", 0.4), ("b", 0.0)):
         run = tmp_path / "stage3" / name
         (run / "checkpoints").mkdir(parents=True)
         (run / "checkpoints" / "last.ckpt").write_bytes(b"")
-        (run / "hparams.yaml").write_text(f"llm: lm\nctl_weight: {weight}\n")
+        (run / "hparams.yaml").write_text(f"lm: {{name: lm}}\nctl_ft: {{weight: {weight}}}\n")
     assert q.find_stage3_checkpoint(tmp_path, ctl=True) == tmp_path / "stage3/a/checkpoints/last.ckpt"
     assert q.find_stage3_checkpoint(tmp_path, ctl=False) == tmp_path / "stage3/b/checkpoints/last.ckpt"
     with pytest.raises(FileNotFoundError, match="MXR_CKPT_NO_CTL"):
@@ -141,12 +141,12 @@ def test_committed_notebooks_have_no_outputs(name: str) -> None:
 
 @pytest.fixture(scope="module")
 def artefacts(world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny stage-3 runs with (ctl_weight 0.4) and without (0) CTL-FT, and predictions of the first."""
+    """Tiny stage-3 runs with (ctl_ft.weight 0.4) and without (0) CTL-FT, and predictions of the first."""
     out = tmp_path_factory.mktemp("runs")
     checkpoints = {}
     with pytest.MonkeyPatch.context() as monkeypatch:
         for name, weight in (("ctl", "0.4"), ("no_ctl", "0")):
-            args = ["--trainer.max_steps=2", f"--model.init_args.ctl_weight={weight}"]
+            args = ["--trainer.max_steps=2", f"--model.init_args.ctl_ft.weight={weight}"]
             cli = run_cli(cli_args(world, out / name, "stage3", "fit", *args), monkeypatch)
             checkpoints[name] = Path(cli.trainer.checkpoint_callback.last_model_path)
         predict_args = cli_args(

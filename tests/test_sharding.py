@@ -51,7 +51,8 @@ from test_stages_cli import CONFIGS, cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_ON_CPU = ["-c", str(CONFIGS / "trainer" / "fsdp.yaml"), "--trainer.accelerator=cpu"]
-FSDP_ON_CPU += ["--trainer.devices=1", "--trainer.precision=32-true", "--model.init_args.ssm_impl=null"]
+FSDP_ON_CPU += ["--trainer.devices=1", "--trainer.precision=32-true"]
+FSDP_ON_CPU += ["--model.init_args.backbone.ssm_impl=null"]
 
 
 @pytest.fixture
@@ -62,13 +63,8 @@ def process_group() -> Iterator[None]:
 
 
 def reportgen(world: Path, **kwargs: Any) -> ReportGenModule:
-    return ReportGenModule(
-        backbone="test_arm_tiny",
-        llm=str(world / "text" / "lm"),
-        llm_dtype="bfloat16",
-        max_target_tokens=8,
-        **kwargs,
-    )
+    lm = {"name": str(world / "text" / "lm"), "dtype": "bfloat16", "max_target_tokens": 8}
+    return ReportGenModule(**{"backbone": {"preset": "test_arm_tiny"}, "lm": lm, **kwargs})
 
 
 def wrap_as_the_strategy_does(module: nn.Module) -> FSDP:
@@ -148,7 +144,7 @@ def test_one_flat_unit_cannot_hold_the_bf16_lm_and_the_float32_trainables(
 def test_frozen_modules_are_the_largest_all_frozen_submodules(world: Path) -> None:
     arm = tiny_arm()
     assert frozen_modules(arm) == [arm.backbone.norm_f]  # stage 1's unused final norm
-    module = reportgen(world, ctl_weight=0)
+    module = reportgen(world, ctl_ft={"weight": 0})
     assert frozen_modules(module) == [module.llm, module.text_proj]
 
 
@@ -186,7 +182,7 @@ def test_fsdp_trains_and_its_full_state_dict_is_the_float32_model_without_prefix
         "reports": ["the heart is enlarged .", "no pleural effusion ."],
     }
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
-    wrapped(batch)["loss"].backward()
+    wrapped(batch).loss.backward()
     optimizer.step()
     after = fsdp_full_state_dict(wrapped, offload=False)
     assert not torch.equal(
@@ -203,7 +199,7 @@ BATCH_REPORTS = ["the heart is enlarged .", "no pleural effusion ."]
 
 def one_step(model: nn.Module, images: torch.Tensor) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model({"images": images, "reports": BATCH_REPORTS})["loss"].backward()
+    model({"images": images, "reports": BATCH_REPORTS}).loss.backward()
     optimizer.step()
 
 
@@ -212,7 +208,8 @@ def two_rank_worker(world: Path, out: Path) -> None:
     1-process one); rank 0 saves the gathered state dict next to a 1-process step's."""
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    module = reportgen(world, backbone_overrides={"drop_path_rate": 0.0}, ctl_gather=False)
+    tiny = {"preset": "test_arm_tiny", "overrides": {"drop_path_rate": 0.0}}
+    module = reportgen(world, backbone=tiny, ctl_ft={"gather": False})
     reference = copy.deepcopy(module)
     wrapped = wrap_as_the_strategy_does(module)
     images = torch.randn(2, 1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -248,14 +245,14 @@ def test_two_rank_full_shard_step_gathers_to_the_one_process_weights(world: Path
 # DeepSpeed checkpoints and export -------------------------------------------------------------------------
 def test_frozen_entries_keep_the_module_s_frozen_parameters_and_restore_them(world: Path) -> None:
     """Stage 3 without CTL-FT: the LM is dropped by the module, the frozen ``text_proj`` must travel."""
-    module = reportgen(world, ctl_weight=0)
+    module = reportgen(world, ctl_ft={"weight": 0})
     state = module.state_dict()
     for key in module._frozen_llm_keys():
         state.pop(key, None)
     entries = frozen_entries(state, module)
     assert sorted(entries) == ["text_proj.bias", "text_proj.weight"]
 
-    fresh = reportgen(world, ctl_weight=0)
+    fresh = reportgen(world, ctl_ft={"weight": 0})
     assert not torch.equal(fresh.text_proj.weight, module.text_proj.weight)
     restore_frozen(fresh, entries)
     assert torch.equal(fresh.text_proj.weight, module.text_proj.weight)

@@ -1,4 +1,4 @@
-"""Stage 1 (ARM): cluster order, patches, block-causal mask, anchor shapes, causality, norm-pix targets,
+"""Stage 1 (ARM): cluster order, patches, block-causal mask, official shapes, causality, norm-pix targets,
 default feature layers, weight-decay groups, a short optimisation, the export of a fit, bad configs."""
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from torch.utils.data import DataLoader
 from mambaxray_ctl.backbone import load_backbone
 from mambaxray_ctl.data import ReportDataModule
 from mambaxray_ctl.stages.arm import ARMModule, default_feature_layers
-from mambaxray_ctl.stages.arm_decoder import block_causal_mask, cluster_order, patchify, unpatchify
+from mambaxray_ctl.stages.arm_decoder import block_causal_mask, cluster_order
 from mambaxray_ctl.stages.base import BackboneStage
 from mambaxray_ctl.stages.optim import decay_groups
+from mambaxray_ctl.stages.pretraining import patchify, unpatchify
 from test_data_helpers import make_dataset
 
 # 96 px, patch 16 -> 6x6 patch grid -> 3x3 clusters of 2x2 patches (K = 9, P = 4).
-TINY = {"backbone": "test_arm_tiny_pretrain", "cluster_size": 2, "decoder_dim": 32, "decoder_heads": 4}
+TINY_BACKBONE = {"preset": "test_arm_tiny_pretrain"}
+TINY = {"backbone": TINY_BACKBONE, "cluster_size": 2, "decoder_dim": 32, "decoder_heads": 4}
 PATCH, GRID, CLUSTER = 16, 6, 2
 
 
@@ -109,9 +111,10 @@ def test_block_causal_mask() -> None:
     assert torch.equal(mask, torch.kron(torch.tril(torch.ones(3, 3)), torch.ones(4, 4)).bool())
 
 
-def test_anchor_layout_gives_128_encoder_tokens_and_128_queries() -> None:
-    # The anchors' 192 px / patch 16 / cluster 4 layout on a tiny stack.
-    module = ARMModule(**{**TINY, "cluster_size": 4, "backbone_overrides": {"img_size": 192}})
+def test_official_layout_gives_128_encoder_tokens_and_128_queries() -> None:
+    # The official code's 192 px / patch 16 / cluster 4 layout on a tiny stack.
+    backbone = {**TINY_BACKBONE, "overrides": {"img_size": 192}}
+    module = ARMModule(**{**TINY, "cluster_size": 4, "backbone": backbone})
     lengths: list[int] = []
     module.backbone.layers[0].register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[1]))
     with torch.no_grad():
@@ -162,13 +165,13 @@ def test_norm_pix_targets_match_a_manual_computation() -> None:
     assert torch.equal(tiny_arm(norm_pix_loss=False).targets(images), torch.stack(raw, dim=1))
 
 
-def test_default_feature_layers_match_the_anchors() -> None:
+def test_default_feature_layers_match_the_official_code() -> None:
     assert default_feature_layers(24, 4) == [11, 15, 19, 23]  # 1-based {12, 16, 20, 24}
     assert default_feature_layers(12, 4) == [5, 7, 9, 11]  # 1-based {6, 8, 10, 12}
     assert default_feature_layers(4, 4) == [0, 1, 2, 3]
     assert default_feature_layers(6, 1) == [5]
     assert tiny_arm().feature_layers == [0, 1, 2, 3]
-    deep = tiny_arm(backbone_overrides={"depth": 12, "embed_dim": 16})
+    deep = tiny_arm(backbone={**TINY_BACKBONE, "overrides": {"depth": 12, "embed_dim": 16}})
     assert deep.feature_layers == [5, 7, 9, 11] and len(deep.decoder.dec_block) == 4
     assert tiny_arm(feature_layers=[1, -1], decoder_depth=2).feature_layers == [1, 3]
 
@@ -208,13 +211,13 @@ def test_weight_decay_groups() -> None:
 
 def test_a_few_steps_lower_the_loss() -> None:
     torch.manual_seed(0)
-    module = tiny_arm(lr=2e-3, export=False)
+    module = tiny_arm(optimizer={"lr": 2e-3}, export=False)
     loss_drops_on_one_batch(module, module.loss)
 
 
 def test_fit_exports_the_backbone(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    fit_exports_backbone(tiny_arm(lr=1e-3), tmp_path)
+    fit_exports_backbone(tiny_arm(optimizer={"lr": 1e-3}), tmp_path)
 
 
 def test_fast_dev_run_does_not_export(tmp_path: Path) -> None:
@@ -226,15 +229,18 @@ def test_fast_dev_run_does_not_export(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
-def test_signatures_are_plain_for_lightning_cli() -> None:
+def test_signatures_parse_as_groups_with_the_stage_defaults() -> None:
+    """The shared settings are typed groups the CLI fills field by field; stage 1 keeps its own
+    optimiser defaults for the fields not given, and the hand-off group comes from the base class."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser()
     parser.add_class_arguments(ARMModule, "model")
-    cfg = parser.parse_args(["--model.feature_layers=[5,7,9,11]", "--model.betas=[0.9,0.99]"])
-    assert cfg.model.feature_layers == [5, 7, 9, 11] and tuple(cfg.model.betas) == (0.9, 0.99)
-    assert cfg.model.backbone == "arm_large_pz16_pretrain" and cfg.model.cluster_size == 4
-    assert cfg.model.lr == 1.5e-4 and cfg.model.warmup_steps == 0.05
+    cfg = parser.parse_args(["--model.feature_layers=[5,7,9,11]", "--model.optimizer.betas=[0.9,0.99]"])
+    assert cfg.model.feature_layers == [5, 7, 9, 11] and tuple(cfg.model.optimizer.betas) == (0.9, 0.99)
+    assert cfg.model.backbone.preset == "arm_large_pz16_pretrain" and cfg.model.cluster_size == 4
+    assert cfg.model.optimizer.lr == 1.5e-4 and cfg.model.optimizer.warmup_steps == 0.05
+    assert cfg.model.handoff.source is None and cfg.model.export is True
 
 
 def test_bad_configs_raise_clear_errors() -> None:
@@ -251,8 +257,9 @@ def test_bad_configs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="cannot pick 5 feature layers from 4"):
         tiny_arm(decoder_depth=5)
     with pytest.raises(ValueError, match="scan_directions=1 and class_token=False"):
-        tiny_arm(backbone="test_arm_tiny")
+        tiny_arm(backbone={"preset": "test_arm_tiny"})
     with pytest.raises(ValueError, match="not divisible by 3 heads"):
         tiny_arm(decoder_heads=3)
     with pytest.raises(ValueError, match="takes 96x96 images"):
-        tiny_arm(backbone_overrides={"dynamic_img_size": True})(torch.randn(1, 3, 64, 64))
+        dynamic = {**TINY_BACKBONE, "overrides": {"dynamic_img_size": True}}
+        tiny_arm(backbone=dynamic)(torch.randn(1, 3, 64, 64))

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from mambaxray_ctl.stages.losses import LogitScale, clip_loss, gather_with_grad
+from mambaxray_ctl.stages.losses import ContrastiveLoss, LogitScale, gather_with_grad
 from mambaxray_ctl.stages.optim import decay_groups, warmup_cosine
 
 
@@ -27,10 +27,10 @@ def _manual_clip(image: torch.Tensor, text: torch.Tensor, scale: float) -> torch
     return (i2t + t2i) / 2
 
 
-def test_clip_loss_matches_manual_symmetric_infonce() -> None:
+def test_contrastive_loss_matches_manual_symmetric_infonce() -> None:
     torch.manual_seed(0)
     image, text = torch.randn(6, 8), torch.randn(6, 8)
-    torch.testing.assert_close(clip_loss(image, text, 14.3), _manual_clip(image, text, 14.3))
+    torch.testing.assert_close(ContrastiveLoss()(image, text, 14.3), _manual_clip(image, text, 14.3))
 
 
 def test_logit_scale_initialised_and_clamped() -> None:
@@ -63,7 +63,7 @@ def _ddp_worker(rank: int, world: int, port: int, queue: mp.Queue) -> None:
     encoder, scale = _encoder_and_scale()
     inputs, texts = torch.randn(8, 8), torch.randn(8, 5)
     local = slice(rank * 4, rank * 4 + 4)
-    loss = clip_loss(encoder(inputs[local]), texts[local], scale(), gather=True)
+    loss = ContrastiveLoss(gather=True)(encoder(inputs[local]), texts[local], scale())
     loss.backward()
     grads = [p.grad.clone() for p in [*encoder.parameters(), scale.log_scale]]
     for grad in grads:  # what DDP does: average over ranks
@@ -75,10 +75,11 @@ def _ddp_worker(rank: int, world: int, port: int, queue: mp.Queue) -> None:
 
 def test_gathered_loss_and_gradients_on_two_ranks_equal_single_process() -> None:
     """Every parameter, the learnable logit scale included (it sees the whole batch on every rank, so
-    its gradient must not be scaled by the world size as the features' is)."""
+    its gradient must not be scaled by the world size as the features' is). The loss applies the
+    scaling itself: the caller only averages gradients as DDP does."""
     encoder, scale = _encoder_and_scale()
     inputs, texts = torch.randn(8, 8), torch.randn(8, 5)
-    single = clip_loss(encoder(inputs), texts, scale())
+    single = ContrastiveLoss()(encoder(inputs), texts, scale())
     single.backward()
     expected = [p.grad.clone() for p in [*encoder.parameters(), scale.log_scale]]
 

@@ -31,41 +31,41 @@ STAGE_CONFIGS = {
 STAGE1_IMAGES = ["--data.init_args.image_size=96", "--data.init_args.batch_size=8"]
 TINY = {
     "stage1": [
-        "--model.init_args.backbone=test_arm_tiny_pretrain",
+        "--model.init_args.backbone.preset=test_arm_tiny_pretrain",
         "--model.init_args.cluster_size=2",
         "--model.init_args.decoder_dim=16",
         "--model.init_args.decoder_heads=2",
         *STAGE1_IMAGES,
     ],
     "stage1_mae": [
-        "--model.init_args.backbone=test_arm_tiny_pretrain",
+        "--model.init_args.backbone.preset=test_arm_tiny_pretrain",
         "--model.init_args.decoder_dim=32",
         "--model.init_args.decoder_depth=2",
         "--model.init_args.decoder_heads=4",
         *STAGE1_IMAGES,
     ],
     "stage1_simclr": [
-        "--model.init_args.backbone=test_arm_tiny_pretrain",
+        "--model.init_args.backbone.preset=test_arm_tiny_pretrain",
         "--model.init_args.proj_hidden_dim=64",
         "--model.init_args.proj_dim=16",
         *STAGE1_IMAGES,
     ],
     "stage2": [
-        "--model.init_args.backbone=test_arm_tiny",
-        "--model.init_args.backbone_overrides={depth: 4}",
+        "--model.init_args.backbone.preset=test_arm_tiny",
+        "--model.init_args.backbone.overrides={depth: 4}",
         "--model.init_args.projection_dim=16",
         "--data.init_args.image_size=64",
         "--data.init_args.batch_size=8",
     ],
     "stage3": [
-        "--model.init_args.backbone=test_arm_tiny",
-        "--model.init_args.backbone_overrides={depth: 4}",
-        "--model.init_args.llm_dtype=float32",
-        "--model.init_args.max_target_tokens=24",
-        "--model.init_args.num_beams=2",
-        "--model.init_args.min_new_tokens=2",
-        "--model.init_args.max_new_tokens=8",
-        "--model.init_args.labeler=demo",
+        "--model.init_args.backbone.preset=test_arm_tiny",
+        "--model.init_args.backbone.overrides={depth: 4}",
+        "--model.init_args.lm.dtype=float32",
+        "--model.init_args.lm.max_target_tokens=24",
+        "--model.init_args.decoding.num_beams=2",
+        "--model.init_args.decoding.min_new_tokens=2",
+        "--model.init_args.decoding.max_new_tokens=8",
+        "--model.init_args.evaluation.labeler=demo",
         "--data.init_args.image_size=64",
         "--data.init_args.batch_size=8",
     ],
@@ -87,7 +87,7 @@ def cli_args(world: Path, out: Path, stage: str, command: str = "fit", *extra: s
     if stage == "stage2":
         args.append(f"--model.init_args.text_encoder={world / 'text' / 'text_encoder'}")
     if stage == "stage3":
-        args.append(f"--model.init_args.llm={world / 'text' / 'lm'}")
+        args.append(f"--model.init_args.lm.name={world / 'text' / 'lm'}")
     return [*args, *extra]
 
 
@@ -118,12 +118,12 @@ def test_chain_stage1_to_stage3_with_hand_off_and_predict(
     export1 = Path(stage1.trainer.log_dir) / "backbone.safetensors"
     assert (Path(stage1.trainer.log_dir) / "config.yaml").is_file() and export1.is_file()
 
-    stage2 = _fit(world, tmp_path, "stage2", monkeypatch, f"--model.init_args.init_from={export1}")
+    stage2 = _fit(world, tmp_path, "stage2", monkeypatch, f"--model.init_args.handoff.source={export1}")
     report = stage2.model.init_report
     assert report is not None and report.source_format == "arm-pretrain"
     export2 = Path(stage2.trainer.log_dir) / "backbone.safetensors"
 
-    stage3 = _fit(world, tmp_path, "stage3", monkeypatch, f"--model.init_args.init_from={export2}")
+    stage3 = _fit(world, tmp_path, "stage3", monkeypatch, f"--model.init_args.handoff.source={export2}")
     # stage 3 started from exactly the stage-2 export: same tensors, same recorded hash
     recorded = json.loads(export2.with_suffix(".json").read_text())["sha256"]
     assert stage3.model.init_report.source_format == "backbone"
@@ -145,8 +145,8 @@ def test_resumed_stage_ends_with_the_weights_of_an_uninterrupted_run(
     # constant learning rate: the schedule's length depends on max_epochs, which differs between the halves
     common = [
         "--trainer.limit_val_batches=0",
-        "--model.init_args.warmup_steps=0",
-        "--model.init_args.min_lr_ratio=1.0",
+        "--model.init_args.optimizer.warmup_steps=0",
+        "--model.init_args.optimizer.min_lr_ratio=1.0",
     ]
     full = _run_epochs(world, tmp_path / "full", 2, monkeypatch, *common)
     first = _run_epochs(world, tmp_path / "split", 1, monkeypatch, *common)
@@ -175,7 +175,7 @@ def test_hand_off_from_a_mismatched_checkpoint_names_the_key(
 
     save_backbone(create_backbone("test_arm_tiny", embed_dim=48, depth=4), None, wrong)
     with pytest.raises(CheckpointError, match=r"shape mismatch for \S+"):
-        _fit(world, tmp_path, "stage2", monkeypatch, f"--model.init_args.init_from={wrong}")
+        _fit(world, tmp_path, "stage2", monkeypatch, f"--model.init_args.handoff.source={wrong}")
 
 
 def test_print_config_of_each_stage(
@@ -202,12 +202,11 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(world: Path) -
     for checkpointing in (False, True):
         torch.manual_seed(0)
         module = ReportGenModule(
-            backbone="test_arm_tiny",
-            llm=str(world / "text" / "lm"),
-            max_target_tokens=16,
+            backbone={"preset": "test_arm_tiny"},
+            lm={"name": str(world / "text" / "lm"), "max_target_tokens": 16},
             gradient_checkpointing=checkpointing,
         ).train()
-        loss = module(batch)["loss"]
+        loss = module(batch).loss
         loss.backward()
         results.append((loss.detach(), module.mapper[0].weight.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0])
@@ -218,13 +217,12 @@ def test_mapper_starts_on_the_scale_of_the_lm_token_embeddings(world: Path) -> N
     from mambaxray_ctl.stages.reportgen import ReportGenModule
 
     def build(scale: float | str) -> ReportGenModule:
-        return ReportGenModule(
-            backbone="test_arm_tiny", llm=str(world / "text" / "lm"), mapper_init_scale=scale
-        )
+        lm = {"name": str(world / "text" / "lm")}
+        return ReportGenModule(backbone={"preset": "test_arm_tiny"}, lm=lm, mapper_init_scale=scale)
 
-    anchors = build(1.0)
-    embeddings = anchors.llm.model.get_input_embeddings().weight
-    assert torch.equal(anchors.mapper[1].weight, torch.ones(embeddings.shape[1]))  # the anchors' LayerNorm
+    official = build(1.0)
+    embeddings = official.llm.model.get_input_embeddings().weight
+    assert torch.equal(official.mapper[1].weight, torch.ones(embeddings.shape[1]))  # the official LayerNorm
     module = build("embedding_rms")
     images = torch.randn(2, 2, 3, 64, 64)
     visual = module.encode_visual(images)

@@ -14,8 +14,14 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from mambaxray_ctl.logs import configure_logging
+
 # command name -> (module, one-line help)
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
+    "pipeline": (
+        "mambaxray_ctl.pipeline",
+        "run one step of the training pipeline (stage1|stage2|stage3|predict|evaluate), as `make` does",
+    ),
     "convert-checkpoint": (
         "mambaxray_ctl.backbone.convert_command",
         "convert an official MambaXray-VL/CTL, ARM-pretrain or Vim checkpoint to a backbone safetensors file",
@@ -74,6 +80,8 @@ def _usage() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to a tool command; returns the process exit status."""
     from_command_line = argv is None
+    if from_command_line:  # the command's log lines on stderr (a caller passing argv keeps its own logging)
+        configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
         print(_usage())

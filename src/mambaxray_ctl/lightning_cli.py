@@ -3,10 +3,12 @@
 One entry point for the three stages (subclass mode: ``model.class_path`` picks ARMModule,
 ContrastiveModule or ReportGenModule; ``data.class_path`` the dataset), the omegaconf parser mode
 (``${...}`` interpolation inside one YAML file), several ``-c`` files merged in order, and
-``--print_config``. Every run directory (the TensorBoard logger's ``log_dir``) receives
+``--print_config``. Older spellings of the stage arguments (before their typed groups) are
+rewritten with a warning (:func:`mambaxray_ctl.compat.upgrade_argv`). Every run directory (the
+TensorBoard logger's ``log_dir``) receives
 ``config.yaml``; the config also goes to TensorBoard as text.
 
-``--ckpt_path`` means "resume or evaluate this same stage": the hand-off ``init_from`` is then not
+``--ckpt_path`` means "resume or evaluate this same stage": the hand-off (``handoff.source``) is then not
 loaded, and the module's arguments come from the config files and the command line, not from the
 checkpoint's stored hyper-parameters (so decoding settings can be changed at ``predict`` time; a
 checkpoint that does not fit the configured module fails on load, naming the keys).
@@ -14,12 +16,14 @@ checkpoint that does not fit the configured module fails on load, naming the key
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from mambaxray_ctl.compat import upgrade_argv
 from mambaxray_ctl.stages.base import BackboneStage
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -47,7 +51,7 @@ class MambaXrayCLI(LightningCLI):
             save_config_callback=ConfigSaver,
             parser_kwargs={**mode, **{name: dict(mode) for name in SUBCOMMANDS}},
             auto_configure_optimizers=False,
-            args=list(args) if args is not None else None,
+            args=_upgraded(args),
             run=run,
         )
 
@@ -57,6 +61,14 @@ class MambaXrayCLI(LightningCLI):
     def before_fit(self) -> None:
         if self.config.fit.get("ckpt_path") and isinstance(self.model, BackboneStage):
             self.model.skip_init_from()
+
+
+def _upgraded(args: Sequence[str] | None) -> list[str] | None:
+    """``args`` (``None``: the command line) with deprecated spellings rewritten; ``None`` when the
+    command line needs no change (LightningCLI then reads it itself, without a warning)."""
+    given = sys.argv[1:] if args is None else list(args)
+    upgraded = upgrade_argv(given)
+    return None if args is None and upgraded == given else upgraded
 
 
 def run_lightning_cli(args: Sequence[str] | None) -> int:

@@ -1,7 +1,8 @@
 """Backbone checkpoints: safe reading, official-format conversion, strict loading, export.
 
-Official formats (METHOD-ANCHORS §1.5, §1.6) are turned into this package's backbone state dict by
-timm-style filter functions ``convert_*(state_dict, model) -> ConvertedCheckpoint``:
+Official formats (docs/METHOD.md#official-checkpoint-formats and #stage-1-to-stage-2) are turned into
+this package's backbone state dict by timm-style filter functions
+``convert_*(state_dict, model) -> ConvertedCheckpoint``:
 
 - ``"mambaxray-vl"``: MambaXray-VL/CTL stage-2 and stage-3 ``.pth`` files (ARM v3 backbone under
   ``visual_encoder.``; everything else is dropped and reported);
@@ -55,7 +56,7 @@ _METADATA_GLOBALS: list[Any] = [
     (dict, "lightning_fabric.utilities.data.AttributeDict"),
     (dict, "pytorch_lightning.utilities.parsing.AttributeDict"),
 ]
-# ARM stage-1 decoder side (METHOD-ANCHORS §1.5b), never part of the backbone.
+# ARM stage-1 decoder side (docs/METHOD.md#stage-1-to-stage-2), never part of the backbone.
 _ARM_DECODER_KEY = re.compile(
     r"^(ar_token|dec_pos_embed|mask)$|^(enc2dec|dec_block|norm_[1-4]|ar_norm|ar_pred)\."
 )
@@ -159,7 +160,7 @@ def _strip_module(name: str) -> str:
 
 # Format detection and filter functions ---------------------------------------------------------------------
 def detect_format(state_dict: Mapping[str, Tensor]) -> CheckpointFormat:
-    """Tell the source format from key names (METHOD-ANCHORS §1.5).
+    """Tell the source format from key names (docs/METHOD.md#official-checkpoint-formats).
 
     ``visual_encoder.*`` → mambaxray-vl; ARM decoder keys, or a forward-only ARM mixer → arm-pretrain;
     ``head.*`` → vim; ``patch_embed.*`` / ``layers.*`` otherwise → backbone.
@@ -193,7 +194,8 @@ def extract_prefixed(
 
 
 def convert_mambaxray_vl(state_dict: Mapping[str, Tensor], model: VisionMamba) -> ConvertedCheckpoint:
-    """MambaXray-VL/CTL stage-2/3: the ARM v3 backbone is under ``visual_encoder.`` (§1.5a, §1.6 stage 2→3).
+    """MambaXray-VL/CTL stage-2/3: the ARM v3 backbone is under ``visual_encoder.``
+    (docs/METHOD.md#official-checkpoint-formats, #stage-2-to-stage-3).
 
     The other keys (vision_proj, text_proj, logit_scale, text_encoder.*, llama_proj, layer_norm, ...)
     are dropped and reported.
@@ -202,7 +204,8 @@ def convert_mambaxray_vl(state_dict: Mapping[str, Tensor], model: VisionMamba) -
 
 
 def convert_arm_pretrain(state_dict: Mapping[str, Tensor], model: VisionMamba) -> ConvertedCheckpoint:
-    """ARM stage-1 → stage-2 hand-over (§1.5b, §1.6), as CTL ``MambaXrayCTL_CLIP`` does it.
+    """ARM stage-1 → stage-2 hand-over (docs/METHOD.md#stage-1-to-stage-2), as the official code's
+    ``MambaXrayCTL_CLIP`` does it.
 
     The forward scan's ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D`` are copied to every other
     direction of ``model`` (``_b``, ``_c``, ``_c_b``; ``A_log`` → ``A_b_log``, ...); decoder keys
@@ -238,7 +241,8 @@ def convert_arm_pretrain(state_dict: Mapping[str, Tensor], model: VisionMamba) -
 
 
 def convert_vim(state_dict: Mapping[str, Tensor], model: VisionMamba) -> ConvertedCheckpoint:
-    """hustvl Vim (§1.5c): the backbone keys are kept as they are; the classifier ``head.*`` is dropped."""
+    """hustvl Vim (docs/METHOD.md#official-checkpoint-formats): the backbone keys are kept as they are;
+    the classifier ``head.*`` is dropped."""
     dropped = [k for k in state_dict if k.startswith("head.")]
     kept = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     return ConvertedCheckpoint(kept, "vim", dropped=dropped)
@@ -387,7 +391,8 @@ def init_backbone_from(
     key: str | None = None,
     strict: bool = True,
 ) -> LoadReport:
-    """Read (if a path), convert and strictly load backbone weights into ``model``: the stages' ``init_from``.
+    """Read (if a path), convert and strictly load backbone weights into ``model``: the stages'
+    ``handoff.source``.
 
     ``source`` is a stage export, a Lightning checkpoint (give ``prefix``, e.g. ``"backbone."``) or an
     official checkpoint; ``key`` selects the wrapped state dict (``"model_ema"`` for Vim EMA weights).

@@ -1,7 +1,7 @@
 """``mambaxray-ctl convert-checkpoint``: official checkpoint → backbone safetensors export.
 
 The output (``DST`` + ``<stem>.json`` sidecar) loads strictly with
-:func:`mambaxray_ctl.backbone.checkpoints.load_backbone` and serves as ``init_from`` of a stage.
+:func:`mambaxray_ctl.backbone.checkpoints.load_backbone` and serves as a stage's ``handoff.source``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,11 @@ class PredictionWriter(BasePredictionWriter):
         for row in rows:
             unique.setdefault(row["id"], row)
         datamodule = trainer.datamodule
+        decoding = getattr(pl_module, "decoding", None)
         common = {
             "dataset": getattr(datamodule, "dataset_name", type(datamodule).__name__),
             "checkpoint": str(trainer.ckpt_path or ""),
-            "decoding": pl_module.decoding() if hasattr(pl_module, "decoding") else {},
+            "decoding": asdict(decoding) if is_dataclass(decoding) else {},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as f:

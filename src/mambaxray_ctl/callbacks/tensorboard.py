@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 
-from mambaxray_ctl.evaluation.qualitative import collect_embeddings
+from mambaxray_ctl.callbacks.embeddings import collect_embeddings
 from mambaxray_ctl.metrics.report import sentence_bleu4
 
 log = logging.getLogger(__name__)

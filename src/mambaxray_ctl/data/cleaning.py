@@ -1,4 +1,4 @@
-"""Report cleaning exactly as the R2Gen family does it (METHOD-ANCHORS §5.3).
+"""Report cleaning exactly as the R2Gen family does it (docs/METHOD.md#report-cleaning).
 
 Two rules exist:
 

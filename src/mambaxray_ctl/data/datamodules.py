@@ -82,7 +82,8 @@ class ReportDataModule(LightningDataModule):
     :param image_root: folder the ``image_path`` entries are relative to (default: the annotation's folder).
     :param cleaning: report cleaning rule: ``iu_xray``, ``mimic_cxr`` (R2Gen/R2GenGPT) or ``none``.
     :param num_views: if set, every study must have exactly this many images (else a ``view_count`` problem).
-    :param image_suffix: replace every image path's extension (e.g. ``.png``, as the anchors force).
+    :param image_suffix: replace every image path's extension (e.g. ``.png``, as the official code forces;
+        docs/METHOD.md#deviations-in-data-and-backbone).
     :param image_size: side of the square images given to the model (bicubic resize, aspect not kept).
     :param mean: normalisation mean per channel (default ImageNet 0.485, 0.456, 0.406).
     :param std: normalisation std per channel (default ImageNet 0.229, 0.224, 0.225).
@@ -91,7 +92,7 @@ class ReportDataModule(LightningDataModule):
     :param num_workers: DataLoader worker processes.
     :param pin_memory: pin host memory for faster copies to the GPU.
     :param persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``).
-    :param shuffle: shuffle the training split (seeded; the anchors never shuffle).
+    :param shuffle: shuffle the training split (seeded; the official code never shuffles).
     :param seed: seed of the training-order shuffle.
     :param drop_last: drop the last incomplete training batch.
     :param on_invalid: ``error`` raises on any invalid sample, ``skip`` drops it, counts and lists it.
@@ -103,7 +104,7 @@ class ReportDataModule(LightningDataModule):
     :param mode: ``reports`` (studies with reports) or ``images`` (stage 1, one image per item).
     :param extra_image_dir: stage 1: a folder of extra images (searched recursively) added to training.
     :param pretrain_on_eval_images: stage 1: also train on val and test images (off: that leaks the
-        evaluation images into pretraining, as the anchors do).
+        evaluation images into pretraining, as the official code does).
     :param crop_scale_min: stage 1: smallest crop area fraction of the random resized crop.
     :param predict_split: the split served by ``predict_dataloader``.
     """

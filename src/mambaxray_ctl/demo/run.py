@@ -7,8 +7,9 @@ pre-train the small text encoder of stage 2 (masked LM on the same reports) → 
 (contrastive, from the stage-1 export) → stage 3 (report generation, from the stage-2 export) →
 ``predict`` on the test split → the paper's metrics plus clinical precision/recall/F1 per finding,
 beside an image-blind baseline scored the same way (the most frequent training report, given
-to every test study). Each stage is the same ``mambaxray-ctl fit`` run that ``make stageN
-DATA=demo`` performs, with the same config files.
+to every test study). Each step is a :mod:`mambaxray_ctl.pipeline` step, the one that ``make stageN
+DATA=demo`` / ``make predict DATA=demo`` performs, with the same config files; predict uses the
+pipeline's checkpoint rule (stage 3's best ``val/score`` checkpoint).
 
 Writes ``<out>/metrics.json`` and prints the table. The learning target: macro clinical F1
 ≥ 0.70 and at least 0.25 above the baseline.
@@ -22,16 +23,28 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from mambaxray_ctl.pipeline import (
+    STAGE2,
+    STAGE3,
+    Overrides,
+    Pipeline,
+    Stage,
+    StageRun,
+    evaluate,
+    fit_chain,
+    predict,
+    stage1,
+)
 
 log = logging.getLogger(__name__)
 
 TARGET_F1 = 0.70
 TARGET_MARGIN = 0.25
-FULL_METHOD = ("stage1_arm", "stage2_contrastive", "stage3_reportgen")
+FULL_METHOD = (stage1("arm"), STAGE2, STAGE3)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -54,41 +67,33 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def stage_args(configs: Path, data: Path, out: Path, config: str) -> list[str]:
-    """The CLI arguments of one demo stage: the same files as ``make <stage> DATA=demo``."""
-    files = [
-        configs / "data" / "demo.yaml",
-        configs / f"{config}.yaml",
-        configs / "demo" / f"{config}.yaml",
-        configs / "trainer" / "cpu.yaml",
-    ]
-    args = [arg for path in files for arg in ("-c", str(path))]
-    return [
-        *args,
-        f"--data.init_args.annotation={data / 'annotation.json'}",
-        f"--data.init_args.image_root={data / 'images'}",
-        f"--trainer.logger.init_args.save_dir={out}",
-    ]
+def demo_pipeline(configs: Path, data: Path, out: Path) -> Pipeline:
+    """The demo data (``configs/data/demo.yaml``, CPU trainer) with the world in ``data``, runs in ``out``."""
+    world = {"annotation": str(data / "annotation.json"), "image_root": str(data / "images")}
+    return Pipeline(
+        data="demo", trainer="cpu", configs=configs, out=out, overrides=({"data": {"init_args": world}},)
+    )
 
 
 def prepare_demo_data(data: Path, studies: int, seed: int, timings: dict[str, float]) -> bool:
     """Generate the world and build its text models unless current; False on failure."""
-    from mambaxray_ctl.cli import main
-    from mambaxray_ctl.demo.world import WORLD_VERSION
+    from mambaxray_ctl.demo.text_models import build_text_models
+    from mambaxray_ctl.demo.world import WORLD_VERSION, describe_world, generate_world
 
     annotation = data / "annotation.json"
     rebuild_text = False
-    if _world_version(annotation) != WORLD_VERSION:
-        if annotation.is_file():
-            print(f"{data}: a synthetic world of an older version, regenerating it", file=sys.stderr)
-        world = ["make-demo-data", "--out", str(data), "--n", str(studies), "--seed", str(seed)]
-        if _timed("synthetic world", timings, lambda: main(world)) != 0:
-            return False
-        rebuild_text = True
-    if rebuild_text or not _text_models_current(data / "text", WORLD_VERSION):
-        text = ["build-demo-text-models", "--annotation", str(annotation), "--out", str(data / "text")]
-        if _timed("text models", timings, lambda: main(text)) != 0:
-            return False
+    try:
+        if _world_version(annotation) != WORLD_VERSION:
+            if annotation.is_file():
+                print(f"{data}: a synthetic world of an older version, regenerating it", file=sys.stderr)
+            _timed("synthetic world", timings, lambda: generate_world(data, n=studies, seed=seed))
+            print(describe_world(annotation))
+            rebuild_text = True
+        if rebuild_text or not _text_models_current(data / "text", WORLD_VERSION):
+            _timed("text models", timings, lambda: build_text_models(annotation, data / "text"))
+    except (OSError, ValueError) as exc:
+        print(f"mambaxray-ctl demo: error: {exc}", file=sys.stderr)
+        return False
     return True
 
 
@@ -121,35 +126,27 @@ def _text_models_current(folder: Path, world_version: int) -> bool:
 
 
 def run_pipeline(
-    configs: Path,
-    data: Path,
-    out: Path,
-    stages: Sequence[str],
-    extra: dict[str, list[str]],
+    pipeline: Pipeline,
+    stages: Sequence[Stage],
     timings: dict[str, float],
-) -> tuple[Path, dict[str, Path]]:
-    """``fit`` each stage config in ``stages`` (each from the previous one's export), then ``predict``
-    the test split with the last stage-3 checkpoint. Returns the predictions file and the run dirs.
+    overrides: Mapping[str, Sequence[Overrides]] | None = None,
+    args: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[Path, dict[str, StageRun]]:
+    """Train ``stages`` in order (each from the previous one's export), then predict the test split
+    with the pipeline's checkpoint rule. Returns the predictions file and the runs by stage name.
 
-    ``extra`` maps a stage config name (or ``"predict"``) to extra CLI arguments.
+    ``overrides`` / ``args`` map a stage name (``args`` also ``"predict"``) to its overrides / extra
+    CLI arguments; each step's wall time goes into ``timings`` under its config name.
     """
-    init_from: str | None = None
-    run_dirs: dict[str, Path] = {}
-    stage3_ckpt = ""
-    for config in stages:
-        fit_args = ["fit", *stage_args(configs, data, out, config), *extra.get(config, [])]
-        if init_from:
-            fit_args.append(f"--model.init_args.init_from={init_from}")
-        cli = _timed(config, timings, lambda a=fit_args: _run_cli(a))
-        run_dirs[config] = Path(cli.trainer.log_dir)
-        init_from = str(run_dirs[config] / "backbone.safetensors")
-        checkpoint = cli.trainer.checkpoint_callback
-        stage3_ckpt = checkpoint.best_model_path or checkpoint.last_model_path
-    predict_args = ["predict", *stage_args(configs, data, out, stages[-1]), f"--ckpt_path={stage3_ckpt}"]
-    cli = _timed(
-        "predict (test split)", timings, lambda: _run_cli([*predict_args, *extra.get("predict", [])])
+    args = args or {}
+    runs = fit_chain(
+        pipeline, stages, overrides, args, runner=lambda stage, step: _timed(stage.config, timings, step)
     )
-    return Path(cli.trainer.log_dir) / "predictions.jsonl", run_dirs
+    last = runs[stages[-1].name]
+    predictions = _timed(
+        "predict (test split)", timings, lambda: predict(pipeline, last, args=args.get("predict", ()))
+    )
+    return predictions, runs
 
 
 def most_frequent_report(annotation: dict[str, Any], cleaning: str) -> str:
@@ -169,24 +166,6 @@ def write_baseline(predictions: Path, report: str, path: Path) -> Path:
     return path
 
 
-@contextmanager
-def _program_name_only() -> Iterator[None]:
-    """LightningCLI warns when given ``args`` while ``sys.argv`` holds options (here: the demo's own)."""
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
-def _run_cli(args: list[str]) -> Any:
-    from mambaxray_ctl.lightning_cli import MambaXrayCLI
-
-    with _program_name_only():
-        return MambaXrayCLI(args=args)
-
-
 def _timed(name: str, timings: dict[str, float], fn: Callable[[], Any]) -> Any:
     start = time.perf_counter()
     print(f"\n=== demo: {name} ===", flush=True)
@@ -196,16 +175,18 @@ def _timed(name: str, timings: dict[str, float], fn: Callable[[], Any]) -> Any:
     return result
 
 
-def _overrides(items: list[str]) -> dict[str, list[str]]:
+def _overrides(items: list[str], stages: Sequence[Stage]) -> dict[str, list[str]]:
+    """``--override`` items (``CONFIG:ARG``: a stage config, a stage name or ``predict``) by stage name."""
+    names = {stage.config: stage.name for stage in stages}
     extra: dict[str, list[str]] = {}
     for item in items:
         stage, _, value = item.partition(":")
-        extra.setdefault(stage, []).append(value)
+        extra.setdefault(names.get(stage, stage), []).append(value)
     return extra
 
 
 def run(args: argparse.Namespace) -> int:
-    from mambaxray_ctl.evaluation.evaluate import evaluate_predictions, format_table
+    from mambaxray_ctl.evaluation.evaluate import format_table
 
     start = time.perf_counter()
     data, out, configs = Path(args.data), Path(args.out), Path(args.configs)
@@ -215,14 +196,16 @@ def run(args: argparse.Namespace) -> int:
     if args.data_only:
         print(f"{data}: the synthetic world and its text models are current")
         return 0
-    predictions, run_dirs = run_pipeline(configs, data, out, FULL_METHOD, _overrides(args.override), timings)
+    pipeline = demo_pipeline(configs, data, out)
+    extra = _overrides(args.override, FULL_METHOD)
+    predictions, runs = run_pipeline(pipeline, FULL_METHOD, timings, args=extra)
 
     annotation = json.loads((data / "annotation.json").read_text())
     baseline = write_baseline(
         predictions, most_frequent_report(annotation, "iu_xray"), out / "baseline_predictions.jsonl"
     )
-    ours = evaluate_predictions(predictions, "demo", labeler="demo")
-    blind = evaluate_predictions(baseline, "demo", labeler="demo")
+    ours = evaluate(predictions, "demo", labeler="demo")
+    blind = evaluate(baseline, "demo", labeler="demo")
     timings["total"] = round(time.perf_counter() - start, 1)
 
     margin = ours["CE_F1_macro"] - blind["CE_F1_macro"]
@@ -231,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         "ours": ours,
         "image_blind_baseline": blind,
         "target": {"macro_F1": TARGET_F1, "margin": TARGET_MARGIN, "met": met},
-        "runs": {stage: str(path) for stage, path in run_dirs.items()},
+        "runs": {stage.config: str(runs[stage.name].run_dir) for stage in FULL_METHOD},
         "predictions": str(predictions),
         "wall_time_s": timings,
         "command": " ".join(["mambaxray-ctl", "demo", *sys.argv[2:]]),

@@ -31,6 +31,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +53,8 @@ from transformers import (
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
 
 from mambaxray_ctl.data.cleaning import CleaningRule, clean_report
-from mambaxray_ctl.demo.world import LABEL_NAMES, extract_labels
+from mambaxray_ctl.demo.findings import LABEL_NAMES
+from mambaxray_ctl.demo.labeller import extract_labels
 from mambaxray_ctl.text.llm import DEFAULT_PROMPT, DEFAULT_TEMPLATE, split_template
 
 log = logging.getLogger(__name__)
@@ -442,36 +444,55 @@ def build_text_encoder(
     return out
 
 
+@dataclass(frozen=True)
+class TextModelSettings:
+    """How the demo's text models are built (the ``build-demo-text-models`` options)."""
+
+    steps: int = 2000  # LM training steps
+    cleaning: CleaningRule = "iu_xray"  # report cleaning rule, as the DataModule's
+    chat: float = 1.0  # fraction of reports trained inside the stage-3 prompt
+    image_tokens: int = 37  # length of the image slot: stage 3's visual tokens (the demo backbone's)
+    mlm_steps: int = 1000  # masked-LM pre-training steps of the text encoder
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.image_tokens < 1 or self.mlm_steps < 0:
+            raise ValueError("need steps >= 1, image_tokens >= 1 and mlm_steps >= 0")
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    defaults = TextModelSettings()
     parser.add_argument(
         "--annotation", default="data/demo/annotation.json", help="R2Gen annotation (default: %(default)s)"
     )
     parser.add_argument("--out", default="data/demo/text", help="output folder (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=2000, help="LM training steps (default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=int, default=defaults.steps, help="LM training steps (default: %(default)s)"
+    )
     parser.add_argument(
         "--cleaning",
-        default="iu_xray",
+        default=defaults.cleaning,
         help="report cleaning rule, as the DataModule's (default: %(default)s)",
     )
     parser.add_argument(
         "--chat",
         type=float,
-        default=1.0,
+        default=defaults.chat,
         help="fraction of reports trained inside the stage-3 prompt (default: %(default)s)",
     )
     parser.add_argument(
         "--image-tokens",
         type=int,
-        default=37,
+        default=defaults.image_tokens,
         help="length of the image slot: stage 3's visual tokens (default: %(default)s, the demo backbone's)",
     )
     parser.add_argument(
         "--mlm-steps",
         type=int,
-        default=1000,
+        default=defaults.mlm_steps,
         help="masked-LM pre-training steps of the text encoder (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed (default: %(default)s)")
 
 
 def _train_reports(path: Path, cleaning: CleaningRule) -> tuple[list[str], Any]:
@@ -487,21 +508,22 @@ def _train_reports(path: Path, cleaning: CleaningRule) -> tuple[list[str], Any]:
     return reports, annotation.get("world_version")
 
 
-def run(args: argparse.Namespace) -> int:
-    name = "mambaxray-ctl build-demo-text-models"
-    if args.steps < 1 or args.image_tokens < 1 or args.mlm_steps < 0:
-        print(f"{name}: error: need --steps >= 1, --image-tokens >= 1 and --mlm-steps >= 0", file=sys.stderr)
-        return 1
+def build_text_models(annotation: Path, out: Path, settings: TextModelSettings = TextModelSettings()) -> None:
+    """Train the causal LM and build the text encoder on the cleaned train reports of ``annotation``:
+    ``out/lm``, ``out/text_encoder`` and the build log that marks them current.
+
+    :raises ValueError: the annotation's train reports cannot be read (naming the file).
+    """
     try:
-        reports, world_version = _train_reports(Path(args.annotation), args.cleaning)
+        reports, world_version = _train_reports(annotation, settings.cleaning)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"{name}: error: cannot read train reports from {args.annotation}: {exc}", file=sys.stderr)
-        return 1
-    out = Path(args.out)
+        raise ValueError(f"cannot read train reports from {annotation}: {exc}") from exc
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(args.seed)
-    slots = [image_slot(report, args.image_tokens, generator) for report in reports]
-    lm = train_causal_lm(reports, out / "lm", slots=slots, chat=args.chat, steps=args.steps, seed=args.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    slots = [image_slot(report, settings.image_tokens, generator) for report in reports]
+    lm = train_causal_lm(
+        reports, out / "lm", slots=slots, chat=settings.chat, steps=settings.steps, seed=settings.seed
+    )
     stats = json.loads((lm / TRAINING_LOG).read_text(encoding="utf-8"))
     print(
         f"wrote {lm} in {time.perf_counter() - start:.1f}s: {stats['parameters']:,} parameters, "
@@ -509,8 +531,21 @@ def run(args: argparse.Namespace) -> int:
         f"loss {stats['corpus_loss']:.3f} per token (perplexity {stats['corpus_perplexity']:.2f})"
     )
     start = time.perf_counter()
-    encoder = build_text_encoder(reports, out / "text_encoder", mlm_steps=args.mlm_steps, seed=args.seed)
+    encoder = build_text_encoder(
+        reports, out / "text_encoder", mlm_steps=settings.mlm_steps, seed=settings.seed
+    )
     print(f"wrote {encoder} in {time.perf_counter() - start:.1f}s")
-    build = {"recipe": RECIPE, "annotation": str(args.annotation), "world_version": world_version}
+    build = {"recipe": RECIPE, "annotation": str(annotation), "world_version": world_version}
     (out / BUILD_LOG).write_text(json.dumps(build, indent=2) + "\n", encoding="utf-8")
+
+
+def run(args: argparse.Namespace) -> int:
+    name = "mambaxray-ctl build-demo-text-models"
+    try:
+        fields = ("steps", "cleaning", "chat", "image_tokens", "mlm_steps", "seed")
+        settings = TextModelSettings(**{field: getattr(args, field) for field in fields})
+        build_text_models(Path(args.annotation), Path(args.out), settings)
+    except ValueError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 1
     return 0

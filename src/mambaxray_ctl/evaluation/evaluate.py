@@ -24,7 +24,9 @@ from mambaxray_ctl.data.cleaning import clean_report, is_empty_report
 from mambaxray_ctl.metrics.clinical import Labeler, clinical_scores, label_reports, load_labeler
 from mambaxray_ctl.metrics.report import MeteorOption, deduplicate, score_reports
 
-DATASET_RULES = {"iu_xray": "iu_xray", "chexpert_plus": "mimic_cxr", "demo": "mimic_cxr"}
+# --clean: the rule each dataset's DataModule cleans its reports with (IUXrayDataModule,
+# CheXpertPlusDataModule, DemoDataModule), so that --clean scores texts as training saw them.
+DATASET_RULES = {"iu_xray": "iu_xray", "chexpert_plus": "mimic_cxr", "demo": "iu_xray"}
 REQUIRED_KEYS = ("id", "generated", "reference")
 # The MambaXray-CTL paper's Table I could not be found in a trustworthy source; no numbers are
 # printed for it rather than numbers from memory.

@@ -9,23 +9,24 @@ Lightning in the checkpoint), else at the backbone's ``config.img_size`` with th
 statistics. The report goes to stdout; notes go to stderr.
 
 Stage-3 checkpoints leave out the frozen LM, which is loaded again from the folder recorded in the
-checkpoint's hyper-parameters (``llm``); ``--llm PATH`` replaces that folder when it has moved.
+checkpoint's hyper-parameters (``lm.name``); ``--llm PATH`` replaces that folder when it has moved.
 Decoding is the checkpoint's (beam search, deterministic) unless ``--num-beams`` etc. change it.
+Checkpoints written before the stage arguments were grouped are read with their names upgraded.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from mambaxray_ctl.compat import upgrade_model_args
 from mambaxray_ctl.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -132,6 +133,8 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
             "checkpoints/*.ckpt of a run, not a backbone export"
         )
     hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if "llm" in hparams:  # written before the stage arguments were grouped
+        hparams = upgrade_model_args(hparams, report_generation=True)
     state_keys = list(checkpoint["state_dict"])
     class_path = hparams.get("_class_path")
     if class_path is not None and not _is_stage3_class(str(class_path)):
@@ -142,8 +145,8 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     missing = [
         prefix + "*" for prefix in STAGE3_PREFIXES if not any(k.startswith(prefix) for k in state_keys)
     ]
-    if "llm" not in hparams:
-        missing.append("hyper-parameter 'llm'")
+    if not isinstance(hparams.get("lm"), dict) or "name" not in hparams["lm"]:
+        missing.append("hyper-parameter 'lm.name'")
     if missing:
         writer = class_path or "an unknown class (no _class_path in its hyper-parameters)"
         raise GenerateError(
@@ -164,20 +167,23 @@ def load_module(info: CheckpointInfo, llm: str | None = None, device: str = "cpu
 
     if device == "cuda" and not torch.cuda.is_available():
         raise GenerateError("--device cuda: no CUDA device is available (this torch build or machine)")
-    overrides = {} if llm is None else {"llm": str(llm)}
-    lm_folder = overrides.get("llm", info.hparams["llm"])
+    hparams = {name: value for name, value in info.hparams.items() if not name.startswith("_")}
+    if llm is not None:
+        hparams["lm"] = {**hparams["lm"], "name": str(llm)}
     try:
-        with warnings.catch_warnings():
-            # The frozen LM is left out of stage-3 checkpoints on purpose; the module's
-            # on_load_checkpoint has already checked that nothing else is missing.
-            warnings.filterwarnings("ignore", message=r"Found keys that are in the model state dict but not")
-            module = ReportGenModule.load_from_checkpoint(
-                info.path, map_location="cpu", weights_only=True, **overrides
-            )
+        module = ReportGenModule(**hparams)
     except (FileNotFoundError, OSError) as exc:
         hint = "" if llm else " (pass --llm PATH if the LM folder has moved)"
-        raise GenerateError(f"cannot load the report LM {lm_folder!r}: {exc}{hint}") from exc
-    except (RuntimeError, ValueError) as exc:
+        raise GenerateError(f"cannot load the report LM {hparams['lm']['name']!r}: {exc}{hint}") from exc
+    except (TypeError, ValueError) as exc:
+        raise GenerateError(
+            f"checkpoint {info.path}: its hyper-parameters do not build ReportGenModule: {exc}"
+        ) from exc
+    checkpoint = _torch_load(info.path)
+    try:
+        module.on_load_checkpoint(checkpoint)  # checks that only the frozen LM is missing
+        module.load_state_dict(checkpoint["state_dict"], strict=False)
+    except RuntimeError as exc:
         raise GenerateError(f"checkpoint {info.path} does not load into ReportGenModule: {exc}") from exc
     return module.eval().to(device)
 
@@ -221,7 +227,8 @@ def load_study(paths: Sequence[str | Path], transform: EvalTransform) -> tuple[T
 
 
 def generate_report(module: ReportGenModule, images: Tensor, view_mask: Tensor, **overrides: Any) -> str:
-    """The report of one study; ``overrides`` (``None`` values ignored) change the decoding."""
+    """The report of one study; ``overrides`` (:class:`~mambaxray_ctl.text.llm.Decoding` fields;
+    ``None`` values ignored) change the decoding."""
     settings = {key: value for key, value in overrides.items() if value is not None}
     device = next(module.parameters()).device
     return module.generate(images.to(device), view_mask.to(device), **settings)[0]
@@ -234,26 +241,23 @@ def run(args: argparse.Namespace) -> int:
         module = load_module(info, args.llm, args.device)
         transform = eval_transform(module, info)
         images, view_mask = load_study(args.images, transform)
-        decoding = {
+        given = {
             "num_beams": args.num_beams,
             "max_new_tokens": args.max_new_tokens,
             "min_new_tokens": args.min_new_tokens,
         }
-        effective = {**module.decoding(), **{k: v for k, v in decoding.items() if v is not None}}
-        if effective["min_new_tokens"] > effective["max_new_tokens"]:
-            raise GenerateError(
-                f"min_new_tokens={effective['min_new_tokens']} exceeds max_new_tokens="
-                f"{effective['max_new_tokens']}"
-            )
-        report = generate_report(module, images, view_mask, **decoding)
+        try:
+            decoding = replace(module.decoding, **{k: v for k, v in given.items() if v is not None})
+        except ValueError as exc:
+            raise GenerateError(str(exc)) from exc
+        report = generate_report(module, images, view_mask, **vars(decoding))
     except GenerateError as exc:
         print(f"mambaxray-ctl generate: error: {exc}", file=sys.stderr)
         return 1
     size = tuple(images.shape[-2:])
     print(
-        f"{len(args.images)} view(s) at {size[0]}x{size[1]}, LM {module.hparams.llm}, "
-        f"{effective['num_beams']} beam(s), {effective['min_new_tokens']}-{effective['max_new_tokens']} "
-        "new tokens",
+        f"{len(args.images)} view(s) at {size[0]}x{size[1]}, LM {module.lm_spec.name}, "
+        f"{decoding.num_beams} beam(s), {decoding.min_new_tokens}-{decoding.max_new_tokens} new tokens",
         file=sys.stderr,
     )
     print(report)

@@ -5,13 +5,14 @@
   sentences a generated report shares with its reference, :func:`highlight_html` /
   :func:`highlight_table_html` mark them in HTML and :func:`show_study` draws a study's images
   beside both texts, shared sentences highlighted.
-* Embedding space (the paper's Fig. 3): :func:`collect_embeddings` gives, per study, the mean mapped
-  visual token and ``text_proj`` of the mean frozen embedding of the reference's target tokens (the
-  two sides of the CTL-FT loss); :func:`tsne_figure` draws one t-SNE panel per run (with and without
+* Embedding space (the paper's Fig. 3): :func:`collect_embeddings` (from
+  :mod:`mambaxray_ctl.callbacks.embeddings`) gives, per study, the mean mapped visual token and
+  ``text_proj`` of the mean frozen embedding of the reference's target tokens (the two sides of the
+  CTL-FT loss); :func:`tsne_figure` draws one t-SNE panel per run (with and without
   CTL-FT) and :func:`alignment_summary` measures how well the pairs line up.
 * Notebook parameters: :func:`notebook_parameters` applies ``MXR_<NAME>`` environment variables and
   fills ``None`` paths with the artefacts of ``make demo`` (``outputs/demo/metrics.json``) and of the
-  ablation without CTL-FT (the newest stage-3 run under ``outputs/`` trained with ``ctl_weight: 0``).
+  ablation without CTL-FT (the newest stage-3 run under ``outputs/`` trained with ``ctl_ft.weight: 0``).
 
 matplotlib and scikit-learn (the ``notebooks`` extra) are imported only by the functions that draw.
 """
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mambaxray_ctl.callbacks.embeddings import collect_embeddings
+from mambaxray_ctl.compat import upgrade_model_args
 from mambaxray_ctl.data.images import IMAGE_SUFFIXES, load_image
 from mambaxray_ctl.evaluation.evaluate import read_prediction_rows
 
@@ -235,49 +238,6 @@ def save_html(text: str, folder: str | Path, name: str) -> Path:
 
 
 # Embeddings ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def collect_embeddings(
-    module: ReportGenModule, dataloader: Iterable[Mapping[str, Any]], max_studies: int | None = None
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``(ids, image, text)`` for up to ``max_studies`` studies, from :meth:`ReportGenModule.embed`:
-    ``image`` = the mean mapped visual token, ``text`` = ``text_proj`` of the LM's mean frozen input
-    embedding of the reference's target tokens — the two sides of the CTL-FT loss, L2-normalised,
-    (N, hidden) float32.
-
-    Target tokens are those of training (:meth:`ReportLM.build_inputs`: report ids + EOS, truncated
-    to ``max_target_tokens``, padding excluded unless the module's ``ctl_include_padding``).
-    """
-    was_training = module.training
-    module.eval()
-    device = next(module.parameters()).device
-    ids: list[str] = []
-    images: list[np.ndarray] = []
-    texts: list[np.ndarray] = []
-    try:
-        for batch in dataloader:
-            if max_studies is not None and len(ids) >= max_studies:
-                break
-            take = (
-                len(batch["ids"]) if max_studies is None else min(len(batch["ids"]), max_studies - len(ids))
-            )
-            view_mask = batch.get("view_mask")
-            image, text = module.embed(
-                {
-                    "images": batch["images"][:take].to(device),
-                    "view_mask": None if view_mask is None else view_mask[:take].to(device),
-                    "reports": list(batch["reports"][:take]),
-                }
-            )
-            ids += [str(i) for i in batch["ids"][:take]]
-            images.append(image.float().cpu().numpy())
-            texts.append(text.float().cpu().numpy())
-    finally:
-        module.train(was_training)
-    if not ids:
-        raise ValueError("the dataloader gave no studies")
-    return ids, np.concatenate(images), np.concatenate(texts)
-
-
 def _normalize(array: np.ndarray) -> np.ndarray:
     return array / np.clip(np.linalg.norm(array, axis=1, keepdims=True), 1e-12, None)
 
@@ -386,8 +346,8 @@ def load_stage3(checkpoint: str | Path, llm: str | None = None, device: str = "c
     from mambaxray_ctl.evaluation.generate import inspect_checkpoint, load_module
 
     info = inspect_checkpoint(checkpoint)
-    if llm is None and info.hparams.get("llm"):
-        llm = str(_from_project_root(info.hparams["llm"], checkpoint))
+    if llm is None and info.hparams.get("lm", {}).get("name"):
+        llm = str(_from_project_root(info.hparams["lm"]["name"], checkpoint))
     return load_module(info, llm, device)
 
 
@@ -402,7 +362,7 @@ def _from_project_root(path: str | Path, checkpoint: str | Path) -> Path:
 
 
 def checkpoint_hparams(checkpoint: str | Path) -> dict[str, Any]:
-    """The hyper-parameters recorded in a stage-3 checkpoint (``ctl_weight``, ``llm``, ...)."""
+    """The hyper-parameters recorded in a stage-3 checkpoint (``ctl_ft``, ``lm``, ...)."""
     from mambaxray_ctl.evaluation.generate import inspect_checkpoint
 
     return inspect_checkpoint(checkpoint).hparams
@@ -455,23 +415,25 @@ def _ctl_weight(run_dir: Path) -> float | None:
         data = yaml.safe_load(hparams.read_text())
     except yaml.YAMLError:
         return None
-    value = data.get("ctl_weight") if isinstance(data, dict) and "llm" in data else None
+    if isinstance(data, dict) and "llm" in data:  # written before the stage arguments were grouped
+        data = upgrade_model_args(data, report_generation=True)
+    value = data.get("ctl_ft", {}).get("weight", 0.4) if isinstance(data, dict) and "lm" in data else None
     return float(value) if isinstance(value, int | float) else None
 
 
 def find_stage3_checkpoint(runs_root: str | Path = RUNS_ROOT, ctl: bool = False) -> Path:
     """The newest ``checkpoints/last.ckpt`` under ``runs_root`` of a stage-3 run (its ``hparams.yaml``
-    has ``llm``) trained with CTL-FT (``ctl_weight > 0``) or without (``ctl_weight == 0``)."""
+    has ``lm``) trained with CTL-FT (``ctl_ft.weight > 0``) or without (``ctl_ft.weight == 0``)."""
     found = []
     for ckpt in Path(runs_root).rglob("checkpoints/last.ckpt"):
         weight = _ctl_weight(ckpt.parent.parent)
         if weight is not None and (weight > 0) == ctl:
             found.append(ckpt)
     if not found:
-        kind = "with CTL-FT (ctl_weight > 0)" if ctl else "without CTL-FT (ctl_weight 0)"
+        kind = "with CTL-FT (ctl_ft.weight > 0)" if ctl else "without CTL-FT (ctl_ft.weight 0)"
         raise FileNotFoundError(
             f"no stage-3 run {kind} under {runs_root}: train one (e.g. `make stage3 "
-            f"ARGS=--model.init_args.ctl_weight=0`) or set MXR_CKPT_{'CTL' if ctl else 'NO_CTL'}"
+            f"ARGS=--model.init_args.ctl_ft.weight=0`) or set MXR_CKPT_{'CTL' if ctl else 'NO_CTL'}"
         )
     return max(found, key=lambda path: path.stat().st_mtime)
 

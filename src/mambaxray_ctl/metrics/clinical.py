@@ -1,12 +1,14 @@
 """Clinical efficacy (CE): precision, recall and F1 of findings labelled in generated reports against
-the same labeller run on the reference reports (R2Gen's ``compute_ce.py`` recipe, METHOD-ANCHORS §6).
+the same labeller run on the reference reports (R2Gen's ``compute_ce.py`` recipe,
+docs/METHOD.md#clinical-efficacy).
 
 No labeller for real reports ships with this package. To use CheXbert or the CheXpert labeler,
 write a class with the :class:`Labeler` interface — a ``label_names`` attribute and
 ``__call__(reports) -> list[list[int]]`` with 1 for a positive finding and 0 for negative,
 uncertain (-1) or unmentioned — whose constructor takes no arguments (read weights paths from
-environment variables or a config file), and pass it as ``--labeler package.module:ClassName``.
-The ``demo`` labeler only understands the reports of the synthetic demo world.
+environment variables or a config file), and pass it as ``package.module:ClassName`` (``--labeler``
+of ``mambaxray-ctl evaluate``, or stage 3's ``evaluation.labeler``). The ``demo`` labeler only
+understands the reports of the synthetic demo world.
 
 Zero division follows scikit-learn's ``zero_division=0``: a label with no predicted positives has
 precision 0, one with no reference positives has recall 0, and F1 is 0 whenever precision and

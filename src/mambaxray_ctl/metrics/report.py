@@ -1,4 +1,5 @@
-"""Language metrics of generated reports, computed as the R2Gen family does (METHOD-ANCHORS §6).
+"""Language metrics of generated reports, computed as the R2Gen family does
+(docs/METHOD.md#language-metrics).
 
 pycocoevalcap's Bleu(4), Rouge (ROUGE-L) and Cider (CIDEr-D) — and Meteor when Java is available —
 are called directly on ``{study_id: [text]}`` dicts: no PTB tokenizer, no lower-casing, tokens are
@@ -115,12 +116,12 @@ def sentence_bleu4(hypothesis: str, reference: str) -> float:
 
 
 def truncate_references(references: Mapping[str, str], tokenizer: Any, max_length: int) -> dict[str, str]:
-    """References as the anchors score them: re-tokenised with the LLM tokenizer (no special tokens),
-    cut to ``max_length`` tokens and decoded back (METHOD-ANCHORS §6).
+    """References as the official code scores them: re-tokenised with the LLM tokenizer (no special
+    tokens), cut to ``max_length`` tokens and decoded back (docs/METHOD.md#deviations-in-evaluation).
 
     ``tokenizer`` is a Hugging Face tokenizer. Decoding keeps the tokenizer's spacing
     (``clean_up_tokenization_spaces=False``), so a reference within ``max_length`` comes back
-    unchanged with a lossless tokenizer. The pad tokens the anchors decode into some references
+    unchanged with a lossless tokenizer. The pad tokens the official code decodes into some references
     (Qwen's ``"!"``) are not reproduced.
     """
     if max_length < 1:

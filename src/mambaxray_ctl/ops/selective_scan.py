@@ -41,7 +41,8 @@ def _warn_reference_on_cuda(problem: str) -> None:
         f"selective scan: impl='auto' runs the pure-PyTorch reference scan on CUDA tensors because "
         f"{problem}. It keeps a (batch, dim, L, d_state) state for the backward pass: many times the "
         "memory and time of mamba-ssm's kernel, more memory than a GPU has at the paper's batch sizes. "
-        f"Install the kernel with {INSTALL_HINT}; select ssm_impl 'cuda' to make its absence an error.",
+        f"Install the kernel with {INSTALL_HINT}; select ssm_impl 'cuda' (a stage's backbone.ssm_impl) "
+        "to make its absence an error.",
         RuntimeWarning,
         stacklevel=4,
     )

@@ -7,7 +7,7 @@ what trains. Nothing is downloaded: the text models are
 random-init folders (:func:`~mambaxray_ctl.text.loading.save_random_init`) holding a transformers config
 of the paper's model (Bio_ClinicalBERT, Qwen1.5-1.8B, LLaMA-2-7B sizes, their real vocabularies) and a
 tokenizer trained here on synthetic reports. Reports are long enough to fill the token limits
-(``max_target_tokens``, ``text_max_length``), so text lengths are the worst case.
+(``lm.max_target_tokens``, ``text_max_length``), so text lengths are the worst case.
 
 Printed (and written with ``--json``): parameter counts, seconds per step after the first (warm-up)
 step, peak memory (CUDA max allocated, or the process's peak RSS on a CPU), image and text tokens per

@@ -123,9 +123,8 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     class_path, model_args = args.config.model.class_path, args.config.model.init_args.as_dict()
     with tempfile.TemporaryDirectory(prefix="mambaxray-profile-") as folder:
         text_models = write_text_models(Path(folder), args.stage, args.llm, args.text_encoder)
-        init_args = {**model_args, **text_models, **module_overrides(args, args.stage)}
         with build_device(args.accelerator):
-            module = build_stage(class_path, init_args)
+            module = build_stage(class_path, model_args, text_models, module_overrides(args, args.stage))
     counts = {name.split("/")[1]: count for name, count in parameter_counts(module).items()}
     batch = synthetic_batch(module, args.stage, args.batch_size, args.views)
     profiler = StepProfiler(generate=args.stage == "stage3_reportgen" and not args.no_generate)
@@ -152,7 +151,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "stage": args.stage,
         "dataset": args.dataset,
-        "backbone": module.hparams.backbone,
+        "backbone": module.backbone_spec.preset,
         "ssm_impl": module.backbone.config.ssm_impl,
         "llm": args.llm if args.stage == "stage3_reportgen" else None,
         "text_encoder": args.text_encoder if args.stage == "stage2_contrastive" else None,

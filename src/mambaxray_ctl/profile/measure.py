@@ -136,13 +136,13 @@ class StepProfiler(Callback):
             _synchronize(device)
             start = time.perf_counter()
             visual = pl_module.encode_visual(batch["images"], batch.get("view_mask"))
-            ids = pl_module.llm.generate_ids(visual, **pl_module.decoding())
+            ids = pl_module.llm.generate_ids(visual, pl_module.decoding)
             _synchronize(device)
             seconds = time.perf_counter() - start
         return {
             "seconds": seconds,
             "new_tokens": int(ids.numel()),
             "tokens_per_second": ids.numel() / seconds,
-            "num_beams": int(pl_module.hparams.num_beams),
+            "num_beams": pl_module.decoding.num_beams,
             "peak_memory_bytes": peak_memory_bytes(device) if device.type == "cuda" else None,
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from transformers import BertConfig, LlamaConfig, PretrainedConfig, Qwen2Config
 
@@ -63,7 +64,7 @@ def synthetic_reports(count: int, seed: int = 0) -> list[str]:
     return [clean_report(sample_study(seed, index)[1], "iu_xray") for index in range(count)]
 
 
-def write_text_models(out: Path, stage: str, llm: str, text_encoder: str) -> dict[str, str]:
+def write_text_models(out: Path, stage: str, llm: str, text_encoder: str) -> dict[str, Any]:
     """Random-init folders of the stage's text model under ``out``; the module arguments naming them."""
     reports = synthetic_reports(200)
     if stage == "stage3_reportgen":
@@ -71,7 +72,7 @@ def write_text_models(out: Path, stage: str, llm: str, text_encoder: str) -> dic
         config = LLM_CONFIGS[llm]()
         config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
-        return {"llm": str(save_random_init(out / "lm", config, tokenizer))}
+        return {"lm": {"name": str(save_random_init(out / "lm", config, tokenizer))}}
     if stage == "stage2_contrastive":
         tokenizer = train_tokenizer(reports, kind="encoder")
         config = TEXT_ENCODER_CONFIGS[text_encoder]()

@@ -10,7 +10,6 @@ only ``data.init_args.batch_size`` and ``trainer.max_epochs`` are read besides.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule
 
+from mambaxray_ctl.compat import import_class
 from mambaxray_ctl.data.datamodules import per_device_batch_size
 from mambaxray_ctl.lightning_cli import MambaXrayCLI
 from mambaxray_ctl.profile.models import synthetic_reports
@@ -63,10 +63,15 @@ def per_device_batch(config: Namespace, world_size: int) -> int:
 
 
 # The module -------------------------------------------------------------------------------------------------
-def build_stage(class_path: str, init_args: dict[str, Any]) -> LightningModule:
-    """The stage module ``class_path`` (``package.module.Class``) built with ``init_args``."""
-    module_name, class_name = class_path.rsplit(".", 1)
-    return getattr(importlib.import_module(module_name), class_name)(**init_args)
+def build_stage(class_path: str, init_args: dict[str, Any], *overrides: dict[str, Any]) -> LightningModule:
+    """The stage module ``class_path`` (``package.module.Class``) built with ``init_args`` and then
+    ``overrides`` (a group's fields are replaced one by one, e.g. ``{"lm": {"dtype": ...}}``)."""
+    merged = dict(init_args)
+    for update in overrides:
+        for name, value in update.items():
+            old = merged.get(name)
+            merged[name] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
+    return import_class(class_path)(**merged)
 
 
 def build_device(accelerator: str) -> torch.device:
@@ -79,13 +84,14 @@ def build_device(accelerator: str) -> torch.device:
 
 def module_overrides(args: argparse.Namespace, stage: str) -> dict[str, Any]:
     """The init_args profile sets on top of the config: no hand-off, no export, the chosen sizes."""
-    overrides: dict[str, Any] = {"init_from": None, "export": False}
-    if args.backbone:
-        overrides["backbone"] = args.backbone
-    if args.ssm_impl:
-        overrides["ssm_impl"] = args.ssm_impl
+    backbone = {"preset": args.backbone, "ssm_impl": args.ssm_impl}
+    overrides: dict[str, Any] = {
+        "handoff": {"source": None},
+        "export": False,
+        "backbone": {name: value for name, value in backbone.items() if value},
+    }
     if stage == "stage3_reportgen":
-        overrides["llm_dtype"] = args.llm_dtype
+        overrides["lm"] = {"dtype": args.llm_dtype}
         overrides["gradient_checkpointing"] = args.gradient_checkpointing
     return overrides
 

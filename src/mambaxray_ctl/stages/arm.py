@@ -1,4 +1,5 @@
-"""Stage 1: ARM autoregressive pretraining — predict the next cluster of patches (METHOD-ANCHORS §2)."""
+"""Stage 1: ARM autoregressive pretraining — predict the next cluster of patches
+(docs/METHOD.md, Stage 1)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,24 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from mambaxray_ctl.backbone import VisionMamba, VisionMambaConfig
-from mambaxray_ctl.ops import ScanImpl
-from mambaxray_ctl.stages.arm_decoder import ARMDecoder, cluster_order, normalize_patches, patchify
+from mambaxray_ctl.backbone import VisionMamba
+from mambaxray_ctl.stages.arm_decoder import ARMDecoder, cluster_order
 from mambaxray_ctl.stages.base import BackboneStage
+from mambaxray_ctl.stages.pretraining import (
+    PRETRAIN_BACKBONE,
+    PRETRAIN_OPTIMIZER,
+    check_image_size,
+    normalize_patches,
+    patchify,
+    require_sequence_backbone,
+)
+from mambaxray_ctl.stages.specs import BackboneSpec, OptimizerSpec
 
 
 def default_feature_layers(depth: int, num_levels: int) -> list[int]:
     """``num_levels`` 0-based layers ending at the last one, ``max(1, depth // (2·(num_levels − 1)))``
-    apart: the anchors' (1-based) {12, 16, 20, 24} of 24 layers and {6, 8, 10, 12} of 12."""
+    apart: the official code's (1-based) {12, 16, 20, 24} of 24 layers and {6, 8, 10, 12} of 12
+    (docs/METHOD.md#stage-1-arm-pretraining)."""
     if not 1 <= num_levels <= depth:
         raise ValueError(f"cannot pick {num_levels} feature layers from {depth} layers; set feature_layers")
     step = max(1, depth // (2 * (num_levels - 1))) if num_levels > 1 else 0
@@ -43,41 +53,25 @@ def resolve_feature_layers(layers: Sequence[int] | None, depth: int, num_levels:
     return resolved
 
 
-def require_sequence_backbone(config: VisionMambaConfig, stage: str) -> None:
-    """Objectives that reorder or drop tokens need one causal scan and no class token (``*_pretrain``)."""
-    if config.scan_directions != 1 or config.class_token:
-        raise ValueError(
-            f"{stage} needs a backbone with scan_directions=1 and class_token=False (a *_pretrain preset), "
-            f"got scan_directions={config.scan_directions}, class_token={config.class_token}"
-        )
-
-
-def check_image_size(images: Tensor, config: VisionMambaConfig, stage: str) -> None:
-    """The token order and the decoder's positions are built for ``config.img_size`` only."""
-    if tuple(images.shape[-2:]) != config.img_hw:
-        raise ValueError(
-            f"{stage} takes {config.img_hw[0]}x{config.img_hw[1]} images (the backbone's img_size), "
-            f"got {tuple(images.shape[-2:])}: set the data's image_size to match"
-        )
-
-
 class ARMModule(BackboneStage):
     """ARM pretraining: the causal Mamba encoder reads clusters ``1..K−1`` of patches, the
     cross-attention decoder (:class:`ARMDecoder`) predicts the pixels of clusters ``2..K``.
 
-    A cluster is ``cluster_size × cluster_size`` patches (anchors: 4 → 3×3 clusters of a 12×12 grid
+    A cluster is ``cluster_size × cluster_size`` patches (official code: 4 → 3×3 clusters of a 12×12 grid
     at 192 px); the encoder gets the embedded tokens reordered into cluster order, last cluster
-    dropped. The outputs of ``feature_layers`` (0-based; default: the anchors' evenly spaced layers
+    dropped. The outputs of ``feature_layers`` (0-based; default: the official code's evenly spaced layers
     of the second half, ending at the last) feed the ``decoder_depth`` decoder blocks, one level
     each. Loss: MSE against the target patches, each normalised by its mean and
     ``sqrt(var + 1e-6)`` with ``norm_pix_loss``.
 
-    ``lr`` is the absolute learning rate. The anchors set ``lr = blr · global_batch / 256`` with
-    ``blr = 1.5e-4``: the default is that rate at a global batch of 256 (the CTL script's batch
-    of 12 gives 7.03e-6). Anchors' other settings: AdamW betas (0.9, 0.95), weight decay 0.05,
-    5 % linear warm-up then cosine to 0 per step, gradient clipping at 3.0 and bf16 autocast (set
-    ``gradient_clip_val`` and ``precision`` on the Trainer). Unlike the anchors, norms, ``A_log``,
-    ``D`` and ``ar_token`` get no weight decay (biases and positions get none in both).
+    ``optimizer.lr`` is the absolute learning rate. The official code sets
+    ``lr = blr · global_batch / 256`` with ``blr = 1.5e-4``: the default is that rate at a global batch
+    of 256 (the official script's batch of 12 gives 7.03e-6). Its other settings: AdamW betas
+    (0.9, 0.95), weight decay 0.05, 5 % linear warm-up then cosine to 0 per step, gradient clipping at
+    3.0 and bf16 autocast (set ``gradient_clip_val`` and ``precision`` on the Trainer); see
+    docs/METHOD.md#stage-1-arm-pretraining. Unlike the official code, norms, ``A_log``, ``D`` and
+    ``ar_token`` get no weight decay (biases and positions get none in both;
+    docs/METHOD.md#deviations-in-stage-1).
 
     The backbone's ``norm_f`` is frozen (the decoder reads un-normed layer outputs, so it never gets a
     gradient); it is exported at its initial value, as ARM's checkpoints carry no ``norm_f``.
@@ -87,9 +81,6 @@ class ARMModule(BackboneStage):
 
     def __init__(
         self,
-        backbone: str = "arm_large_pz16_pretrain",
-        backbone_overrides: dict[str, Any] | None = None,
-        ssm_impl: ScanImpl | None = None,
         cluster_size: int = 4,
         feature_layers: list[int] | None = None,
         decoder_dim: int = 512,
@@ -97,18 +88,11 @@ class ARMModule(BackboneStage):
         decoder_heads: int = 8,
         decoder_mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
-        init_from: str | None = None,
-        init_format: str = "auto",
-        init_prefix: str | None = None,
-        export: bool = True,
-        lr: float = 1.5e-4,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: float = 0.05,
-        min_lr_ratio: float = 0.0,
+        backbone: BackboneSpec = PRETRAIN_BACKBONE,
+        optimizer: OptimizerSpec = PRETRAIN_OPTIMIZER,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(backbone=backbone, optimizer=optimizer, **kwargs)
         self.backbone: VisionMamba = self.build_backbone()
         config = self.backbone.config
         require_sequence_backbone(config, self.stage_name)

@@ -1,10 +1,10 @@
-"""ARM's cluster-autoregressive pixel decoder (stage 1) and its patch/cluster helpers.
+"""ARM's cluster-autoregressive pixel decoder (stage 1) and its cluster helpers.
 
 Patches are grouped into ``cluster_size × cluster_size`` clusters; clusters are ordered raster over
 the cluster grid and patches raster inside a cluster. The encoder reads clusters ``1..K−1`` and the
-decoder predicts the pixels of clusters ``2..K`` (METHOD-ANCHORS §2). Parameter names follow ARM's
-stage-1 checkpoints (``norm_1..n``, ``enc2dec``, ``dec_block``, ``ar_token``, ``dec_pos_embed``,
-``ar_norm``, ``ar_pred``), so their decoder weights load as they are.
+decoder predicts the pixels of clusters ``2..K`` (docs/METHOD.md#stage-1-arm-pretraining). Parameter
+names follow ARM's stage-1 checkpoints (``norm_1..n``, ``enc2dec``, ``dec_block``, ``ar_token``,
+``dec_pos_embed``, ``ar_norm``, ``ar_pred``), so their decoder weights load as they are.
 """
 
 from __future__ import annotations
@@ -15,35 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mambaxray_ctl.backbone.layers import sincos_2d_pos_embed, to_2tuple
-
-
-def patchify(images: Tensor, patch_size: int | tuple[int, int]) -> Tensor:
-    """Images (B, C, H, W) → patches (B, N, ph·pw·C), row-major, each flattened as (row, column, channel)."""
-    ph, pw = to_2tuple(patch_size)
-    batch, chans, height, width = images.shape
-    if height % ph or width % pw:
-        raise ValueError(f"image size ({height}, {width}) is not divisible by patch size ({ph}, {pw})")
-    x = images.reshape(batch, chans, height // ph, ph, width // pw, pw)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // ph) * (width // pw), ph * pw * chans)
-
-
-def unpatchify(patches: Tensor, patch_size: int | tuple[int, int], grid_size: tuple[int, int]) -> Tensor:
-    """Inverse of :func:`patchify`: patches (B, N, ph·pw·C) on a (rows, cols) grid → images (B, C, H, W)."""
-    ph, pw = to_2tuple(patch_size)
-    rows, cols = grid_size
-    batch, num, dim = patches.shape
-    if num != rows * cols or dim % (ph * pw):
-        raise ValueError(f"patches {tuple(patches.shape)} do not fit a {grid_size} grid of {ph}x{pw} patches")
-    x = patches.reshape(batch, rows, cols, ph, pw, dim // (ph * pw))
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, -1, rows * ph, cols * pw)
-
-
-def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
-    """Each patch minus its mean, over ``sqrt(var + eps)`` (unbiased variance, as ARM and MAE)."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + eps).sqrt()
+from mambaxray_ctl.backbone.layers import sincos_2d_pos_embed
 
 
 def cluster_order(grid_size: tuple[int, int], cluster_size: int) -> Tensor:

@@ -1,20 +1,20 @@
 """What the stage modules share: the backbone, the hand-off from the previous stage, the export at
-the end of training, per-rank randomness, and the optimiser (AdamW + per-step warm-up/cosine).
+the end of training, per-rank randomness, and the optimiser.
 
-Subclasses call ``self.save_hyperparameters()`` with these hyper-parameters among their own:
-``backbone`` (preset name), ``backbone_overrides`` (config fields), ``ssm_impl`` (the selective-scan
-implementation, set to ``cuda`` by the GPU trainer configs; ``None`` keeps the preset's),
-``init_from`` / ``init_format`` / ``init_prefix`` (hand-off), ``export`` (write
-``backbone.safetensors`` into the run directory at the end of training; not under ``fast_dev_run``),
-and ``lr`` / ``weight_decay`` / ``betas`` / ``warmup_steps`` / ``min_lr_ratio``.
+:class:`BackboneStage` declares and reads the shared settings (:mod:`mambaxray_ctl.stages.specs`):
+``backbone`` (:class:`BackboneSpec`), ``handoff`` (:class:`HandOff`), ``optimizer``
+(:class:`OptimizerSpec`) and ``export`` (write ``backbone.safetensors`` into the run directory at the
+end of training; not under ``fast_dev_run``). A stage declares its own settings and passes the rest
+on with ``**kwargs``; one whose defaults differ (stage 1's backbone and optimiser) declares those too.
 
-Hand-off rule: ``init_from`` is loaded in ``setup("fit")`` only, so it never runs for
+Hand-off rule: ``handoff.source`` is loaded in ``setup("fit")`` only, so it never runs for
 ``validate/test/predict`` nor when the stage resumes from its own ``--ckpt_path`` (the CLI marks that
-with :meth:`skip_init_from`; from Python, pass ``init_from=None`` when resuming).
+with :meth:`skip_init_from`; from Python, pass no hand-off when resuming).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -25,14 +25,13 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
-from torch.optim import AdamW
 
-from mambaxray_ctl.backbone import LoadReport, VisionMamba, create_backbone, init_backbone_from, save_backbone
+from mambaxray_ctl.backbone import LoadReport, VisionMamba, init_backbone_from, save_backbone
 from mambaxray_ctl.backbone.checkpoints import summarize_keys
 from mambaxray_ctl.distributed import all_gather_objects
 from mambaxray_ctl.ops.cuda import require_mamba_ssm
-from mambaxray_ctl.stages.optim import decay_groups, warmup_cosine
 from mambaxray_ctl.stages.sharding import float32_state_dict
+from mambaxray_ctl.stages.specs import BackboneSpec, HandOff, OptimizerSpec, as_spec, plain
 
 log = logging.getLogger(__name__)
 
@@ -44,39 +43,73 @@ class BackboneStage(LightningModule):
 
     stage_name: ClassVar[str] = "stage"
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        backbone: BackboneSpec = BackboneSpec(),
+        handoff: HandOff = HandOff(),
+        optimizer: OptimizerSpec = OptimizerSpec(),
+        export: bool = True,
+    ) -> None:
+        """
+        Args:
+            backbone: which backbone to build.
+            handoff: where its first weights come from (``fit`` only).
+            optimizer: AdamW and its warm-up/cosine schedule.
+            export: write ``backbone.safetensors`` into the run directory at the end of training.
+        """
         super().__init__()
+        self.save_hyperparameters()  # the subclass's arguments too
+        # again, with the specs as plain dicts (YAML, weights_only checkpoints)
+        self.save_hyperparameters({name: plain(value) for name, value in self.hparams.items()})
+        self.backbone_spec = as_spec(BackboneSpec, backbone, self.declared_default("backbone"))
+        self.handoff = as_spec(HandOff, handoff)
+        self.optimizer_spec = as_spec(OptimizerSpec, optimizer, self.declared_default("optimizer"))
+        self.export_backbone = export
         self.init_report: LoadReport | None = None
         self._skip_init_from = False
 
+    @classmethod
+    def declared_default(cls, name: str) -> Any:
+        """The default of argument ``name`` in the most derived ``__init__`` that declares it (stage 1
+        declares its own backbone and optimiser): what a partial dict of fields completes."""
+        for klass in cls.__mro__:
+            parameter = inspect.signature(klass.__init__).parameters.get(name)
+            if parameter is not None:
+                return parameter.default
+        raise KeyError(name)
+
     # Backbone ----------------------------------------------------------------------------------------------
     def build_backbone(self, **forced: Any) -> VisionMamba:
-        """The ``hparams.backbone`` preset with ``backbone_overrides``, ``ssm_impl``, ``forced`` applied."""
-        overrides = dict(self.hparams.backbone_overrides or {})
-        if self.hparams.ssm_impl is not None:
-            overrides["ssm_impl"] = self.hparams.ssm_impl
-        overrides.update(forced)
-        return create_backbone(self.hparams.backbone, **overrides)
+        """The configured backbone with ``forced`` config fields applied."""
+        return self.backbone_spec.build(**forced)
+
+    def encode_studies(self, images: Tensor, view_mask: Tensor | None = None) -> Tensor:
+        """Multi-view studies (B, V, 3, H, W) → backbone tokens (B, L, D), averaged token by token over
+        each study's valid views."""
+        batch, views = images.shape[:2]
+        tokens = self.backbone(images.flatten(0, 1)).unflatten(0, (batch, views))
+        if view_mask is None:
+            return tokens.mean(dim=1)
+        weights = view_mask.to(tokens.dtype)[:, :, None, None]
+        return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
     def skip_init_from(self) -> None:
-        """Mark this run as a resume: ``init_from`` is not loaded (the checkpoint has the weights)."""
+        """Mark this run as a resume: ``handoff.source`` is not loaded (the checkpoint has the weights)."""
         self._skip_init_from = True
 
     def setup(self, stage: str) -> None:
         if self.backbone.config.ssm_impl == "cuda":
             require_mamba_ssm()  # fail on every rank before any work, saying how to install it
-        if stage == "fit" and self.hparams.init_from and not self._skip_init_from:
-            self.load_init_from(self.hparams.init_from)
+        if stage == "fit" and self.handoff.source and not self._skip_init_from:
+            self.load_init_from(self.handoff.source)
         self.seed_rank()
 
     def load_init_from(self, source: str) -> LoadReport:
         """Load the backbone from a previous stage's export, a Lightning ``.ckpt`` or an official file."""
-        prefix = self.hparams.init_prefix
+        prefix = self.handoff.prefix
         if prefix is None and str(source).endswith(".ckpt"):
             prefix = "backbone."
-        report = init_backbone_from(
-            self.backbone, source, source_format=self.hparams.init_format, prefix=prefix
-        )
+        report = init_backbone_from(self.backbone, source, source_format=self.handoff.format, prefix=prefix)
         log.info(
             "%s: backbone initialised from %s (%s, %d tensors, sha256 %s)",
             self.stage_name,
@@ -105,7 +138,7 @@ class BackboneStage(LightningModule):
         """Export the backbone in float32 (gathered from FSDP shards or DeepSpeed's master weights) while
         the model is still on the training device (``on_fit_end`` runs after Lightning's teardown has
         moved it to the CPU)."""
-        if not self.hparams.export:
+        if not self.export_backbone:
             return
         if self.trainer.fast_dev_run:  # no logger there: the export would land in default_root_dir (cwd)
             log.info("%s: fast_dev_run, the backbone is not exported", self.stage_name)
@@ -120,7 +153,7 @@ class BackboneStage(LightningModule):
             "stage": self.stage_name,
             "global_step": str(self.global_step),
             "epoch": str(self.current_epoch),
-            "init_from": str(self.hparams.init_from or ""),
+            "init_from": str(self.handoff.source or ""),
             "init_sha256": self.init_report.sha256 if self.init_report else "",
         }
         saved, _ = save_backbone(state, self.backbone.config, path, metadata=metadata)
@@ -178,12 +211,9 @@ class BackboneStage(LightningModule):
         return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        groups = decay_groups(self.named_parameters(), hp.weight_decay, self.no_weight_decay())
-        optimizer = AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = warmup_cosine(optimizer, total, hp.warmup_steps, hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return self.optimizer_spec.configure(
+            self.named_parameters(), self.no_weight_decay(), int(self.trainer.estimated_stepping_batches)
+        )
 
 
 def _numpy_state_to_torch(state: tuple) -> tuple:

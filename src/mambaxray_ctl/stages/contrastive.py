@@ -1,4 +1,4 @@
-"""Stage 2: image–report contrastive learning (METHOD-ANCHORS §3)."""
+"""Stage 2: image–report contrastive learning (docs/METHOD.md, Stage 2)."""
 
 from __future__ import annotations
 
@@ -8,41 +8,26 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from mambaxray_ctl.metrics.retrieval import RetrievalRecall
-from mambaxray_ctl.ops import ScanImpl
 from mambaxray_ctl.stages.base import BackboneStage
-from mambaxray_ctl.stages.losses import LogitScale, clip_loss
+from mambaxray_ctl.stages.losses import ContrastiveLoss, LogitScale
 from mambaxray_ctl.text.encoder import TextEncoder
-
-
-def encode_studies(backbone: nn.Module, images: Tensor, view_mask: Tensor | None) -> Tensor:
-    """Multi-view studies (B, V, 3, H, W) → tokens (B, L, D) averaged over each study's valid views."""
-    batch, views = images.shape[:2]
-    tokens = backbone(images.flatten(0, 1))
-    tokens = tokens.unflatten(0, (batch, views))
-    if view_mask is None:
-        return tokens.mean(dim=1)
-    weights = view_mask.to(tokens.dtype)[:, :, None, None]
-    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 class ContrastiveModule(BackboneStage):
     """Backbone (4 scan directions, 224 px) + text encoder trained with a symmetric InfoNCE loss.
 
     Image side: views averaged token-wise, tokens mean-pooled, ``vision_proj``. Text side: an HF
-    ``AutoModel`` from a local folder or hub name, pooled (``last_nonpad`` as the anchors: the
+    ``AutoModel`` from a local folder or hub name, pooled (``last_nonpad`` as the official code: the
     ``[SEP]`` state of BERT), ``text_proj``. The logit scale is learnable from ``ln(1/0.07)`` and
-    clamped to ``ln(100)``. ``gather_negatives`` uses every rank's batch as negatives (the anchors
-    use per-GPU negatives only: set it to false to compare). Validation: image→text and
-    text→image recall@1/5/10 over the whole validation split.
+    clamped to ``ln(100)``. ``gather_negatives`` uses every rank's batch as negatives (the official
+    code uses per-GPU negatives only: set it to false to compare; docs/METHOD.md#deviations-in-stage-2).
+    Validation: image→text and text→image recall@1/5/10 over the whole validation split.
     """
 
     stage_name = "stage2-contrastive"
 
     def __init__(
         self,
-        backbone: str = "arm_large_pz16",
-        backbone_overrides: dict[str, Any] | None = None,
-        ssm_impl: ScanImpl | None = None,
         text_encoder: str = "emilyalsentzer/Bio_ClinicalBERT",
         text_pooling: Literal["last_nonpad", "cls", "mean"] = "last_nonpad",
         text_max_length: int = 128,
@@ -50,29 +35,20 @@ class ContrastiveModule(BackboneStage):
         temperature: float = 0.07,
         max_logit_scale: float = 100.0,
         gather_negatives: bool = True,
-        init_from: str | None = None,
-        init_format: str = "auto",
-        init_prefix: str | None = None,
-        export: bool = True,
-        lr: float = 1e-4,
-        weight_decay: float = 0.01,
-        betas: list[float] | None = None,
-        warmup_steps: float = 0.0,
-        min_lr_ratio: float = 0.01,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.hparams.betas = list(betas or [0.9, 0.999])
+        super().__init__(**kwargs)
         self.backbone = self.build_backbone()
         self.text_encoder = TextEncoder(text_encoder, pooling=text_pooling, max_length=text_max_length)
         self.vision_proj = nn.Linear(self.backbone.config.embed_dim, projection_dim)
         self.text_proj = nn.Linear(self.text_encoder.hidden_size, projection_dim)
         self.logit_scale = LogitScale(temperature, math.log(max_logit_scale))
+        self.contrastive_loss = ContrastiveLoss(gather=gather_negatives)
         self.val_retrieval = RetrievalRecall()
 
     def encode_image(self, images: Tensor, view_mask: Tensor | None = None) -> Tensor:
         """Studies (B, V, 3, H, W) → projected image embeddings (B, projection_dim), not normalised."""
-        return self.vision_proj(encode_studies(self.backbone, images, view_mask).mean(dim=1))
+        return self.vision_proj(self.encode_studies(images, view_mask).mean(dim=1))
 
     def encode_text(self, reports: list[str]) -> Tensor:
         """Cleaned reports → projected text embeddings (B, projection_dim), not normalised."""
@@ -83,14 +59,14 @@ class ContrastiveModule(BackboneStage):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         image, text = self(batch)
-        loss = clip_loss(image, text, self.logit_scale(), gather=self.hparams.gather_negatives)
+        loss = self.contrastive_loss(image, text, self.logit_scale())
         self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])
         self.log("train/logit_scale", self.logit_scale().detach(), batch_size=image.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         image, text = self(batch)
-        loss = clip_loss(image, text, self.logit_scale(), gather=False)
+        loss = self.contrastive_loss(image, text, self.logit_scale(), gather=False)
         self.log("val/loss", loss, sync_dist=True, batch_size=image.shape[0])
         self.val_retrieval.update(batch["ids"], image, text)
 

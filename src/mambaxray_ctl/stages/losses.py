@@ -45,19 +45,30 @@ def gather_with_grad(features: Tensor) -> Tensor:
     return torch.cat(chunks)
 
 
-def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor | float, gather: bool = True) -> Tensor:
-    """Mean of the image→text and text→image cross-entropies over the (gathered) batch.
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE (CLIP): the mean of the image→text and text→image cross-entropies.
 
-    Features are L2-normalised here. With ``gather`` every rank computes the loss of the GLOBAL
-    batch (the value equals the single-process loss on the concatenated batch), and after DDP's
-    gradient average every parameter has the single-process gradient (see :func:`gather_with_grad`).
+    Features are L2-normalised here. With ``gather`` the negatives come from every rank: each rank
+    computes the loss of the GLOBAL batch (its value equals the single-process loss on the
+    concatenated batch) and, after DDP's gradient average, every parameter has the single-process
+    gradient (:func:`gather_with_grad` applies the scaling; callers do nothing more). Without it each
+    rank's batch holds its own negatives.
     """
-    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-    if gather:
-        image, text = gather_with_grad(image), gather_with_grad(text)
-    logits = logit_scale * image @ text.T
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+    def __init__(self, gather: bool = True) -> None:
+        super().__init__()
+        self.gather = gather
+
+    def forward(
+        self, image: Tensor, text: Tensor, logit_scale: Tensor | float, gather: bool | None = None
+    ) -> Tensor:
+        """``gather`` replaces the module's setting for one call (validation keeps negatives per rank)."""
+        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        if self.gather if gather is None else gather:
+            image, text = gather_with_grad(image), gather_with_grad(text)
+        logits = logit_scale * image @ text.T
+        targets = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
 class LogitScale(nn.Module):

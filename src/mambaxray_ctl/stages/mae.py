@@ -9,10 +9,16 @@ from torch import Tensor, nn
 
 from mambaxray_ctl.backbone import VisionMamba
 from mambaxray_ctl.backbone.layers import sincos_2d_pos_embed
-from mambaxray_ctl.ops import ScanImpl
-from mambaxray_ctl.stages.arm import check_image_size, require_sequence_backbone
-from mambaxray_ctl.stages.arm_decoder import normalize_patches, patchify
 from mambaxray_ctl.stages.base import BackboneStage
+from mambaxray_ctl.stages.pretraining import (
+    PRETRAIN_BACKBONE,
+    PRETRAIN_OPTIMIZER,
+    check_image_size,
+    normalize_patches,
+    patchify,
+    require_sequence_backbone,
+)
+from mambaxray_ctl.stages.specs import BackboneSpec, OptimizerSpec
 
 
 def random_keep(
@@ -83,34 +89,24 @@ class MAEModule(BackboneStage):
     ``norm_pix_loss``). Training masks come from the global RNG (seed it with ``seed_everything``);
     validation masks are seeded by the batch index, so ``val/loss`` is comparable across epochs.
 
-    Optimisation as :class:`~mambaxray_ctl.stages.arm.ARMModule` (``lr`` is absolute).
+    Optimisation as :class:`~mambaxray_ctl.stages.arm.ARMModule` (``optimizer.lr`` is absolute).
     """
 
     stage_name = "stage1-mae"
 
     def __init__(
         self,
-        backbone: str = "arm_large_pz16_pretrain",
-        backbone_overrides: dict[str, Any] | None = None,
-        ssm_impl: ScanImpl | None = None,
         mask_ratio: float = 0.75,
         decoder_dim: int = 512,
         decoder_depth: int = 4,
         decoder_heads: int = 8,
         decoder_mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
-        init_from: str | None = None,
-        init_format: str = "auto",
-        init_prefix: str | None = None,
-        export: bool = True,
-        lr: float = 1.5e-4,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: float = 0.05,
-        min_lr_ratio: float = 0.0,
+        backbone: BackboneSpec = PRETRAIN_BACKBONE,
+        optimizer: OptimizerSpec = PRETRAIN_OPTIMIZER,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(backbone=backbone, optimizer=optimizer, **kwargs)
         self.backbone: VisionMamba = self.build_backbone()
         config = self.backbone.config
         require_sequence_backbone(config, self.stage_name)

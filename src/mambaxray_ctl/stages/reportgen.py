@@ -1,103 +1,125 @@
-"""Stage 3: report generation with a frozen causal LM plus the CTL-FT contrastive term (METHOD-ANCHORS §4)."""
+"""Stage 3: report generation with a frozen causal LM plus the CTL-FT contrastive term (docs/METHOD.md,
+Stage 3)."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from mambaxray_ctl.metrics.clinical import ClinicalEfficacy, label_reports, load_labeler
-from mambaxray_ctl.metrics.report import ReportMetrics, truncate_references
-from mambaxray_ctl.ops import ScanImpl
+from mambaxray_ctl.metrics.report import MeteorOption, ReportMetrics, truncate_references
 from mambaxray_ctl.stages.base import BackboneStage
-from mambaxray_ctl.stages.contrastive import encode_studies
-from mambaxray_ctl.stages.losses import clip_loss
-from mambaxray_ctl.text.llm import DEFAULT_PROMPT, DEFAULT_TEMPLATE, ReportLM
+from mambaxray_ctl.stages.losses import ContrastiveLoss
+from mambaxray_ctl.stages.specs import as_spec
+from mambaxray_ctl.text.llm import Decoding, LMSpec, ReportLM
 
 log = logging.getLogger(__name__)
 
-SCORE_WEIGHTS = {"BLEU_4": 0.8, "CIDEr": 0.2}  # the anchors' checkpoint-selection score
+SCORE_WEIGHTS = {"BLEU_4": 0.8, "CIDEr": 0.2}  # the official code's checkpoint-selection score
+
+
+@dataclass(frozen=True)
+class CTLFTSpec:
+    """CTL-FT, the contrastive term of stage 3.
+
+    Args:
+        weight: λ in ``L_SFT + λ·L_CTL-FT``; 0 turns CTL-FT off.
+        temperature: the fixed InfoNCE temperature.
+        include_padding: average the target embedding over padding too (the official code's way).
+        gather: negatives from every rank (the official code keeps them per GPU: false).
+    """
+
+    weight: float = 0.4
+    temperature: float = 0.07
+    include_padding: bool = False
+    gather: bool = True
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """How validation and test score the generated reports.
+
+    Args:
+        reference_source: ``cleaned`` reports, or the official code's LM-re-decoded references
+            truncated to ``lm.max_target_tokens`` (``truncated``).
+        labeler: a findings labeller for clinical P/R/F1 (``demo`` or ``package.module:Class``).
+        meteor: METEOR (needs Java): ``auto`` when Java is found, ``true`` (Java required) or ``false``.
+    """
+
+    reference_source: Literal["cleaned", "truncated"] = "cleaned"
+    labeler: str | None = None
+    meteor: MeteorOption = "auto"
+
+
+@dataclass(frozen=True)
+class ReportGenOutput:
+    """One step's losses: ``loss`` (optimised) = ``sft`` + λ·``ctl`` (``None`` with CTL-FT off)."""
+
+    loss: Tensor
+    sft: Tensor
+    ctl: Tensor | None = None
+
+    def logged(self) -> dict[str, Tensor]:
+        """The losses to log, by name."""
+        values = {"loss": self.loss, "sft": self.sft, "ctl": self.ctl}
+        return {name: value.detach() for name, value in values.items() if value is not None}
 
 
 class ReportGenModule(BackboneStage):
     """Backbone → ``mapper`` (Linear + LayerNorm) → visual tokens in a frozen LM's prompt.
 
-    Loss ``L_SFT + ctl_weight · L_CTL-FT``: the LM's cross-entropy on the report tokens, plus a
-    symmetric InfoNCE at fixed temperature between the mean visual token and ``text_proj`` of the
-    mean frozen input embedding of the target tokens (padding excluded unless
-    ``ctl_include_padding``, which restores the anchors' behaviour). ``ctl_weight=0`` turns CTL-FT off.
+    Loss ``L_SFT + λ·L_CTL-FT`` (:class:`ReportGenOutput`): the LM's cross-entropy on the report
+    tokens, plus a symmetric InfoNCE at fixed temperature between the mean visual token and
+    ``text_proj`` of the mean frozen input embedding of the target tokens (padding excluded unless
+    ``ctl_ft.include_padding``, the official code's way). ``ctl_ft.weight = 0`` turns CTL-FT off.
+
+    Settings come in groups: ``lm`` (:class:`~mambaxray_ctl.text.llm.LMSpec`), ``ctl_ft``
+    (:class:`CTLFTSpec`), ``decoding`` (:class:`~mambaxray_ctl.text.llm.Decoding`), ``evaluation``
+    (:class:`EvaluationSpec`), and those of :class:`~mambaxray_ctl.stages.base.BackboneStage`.
 
     Validation generates reports for the validation split and logs corpus BLEU-1..4, ROUGE-L,
     CIDEr (and METEOR with Java) on the gathered, de-duplicated corpus, plus
-    ``val/score = 0.8·BLEU-4 + 0.2·CIDEr`` for checkpoint selection, and clinical P/R/F1 when a
-    ``labeler`` is set (``"demo"`` for the synthetic world, or ``"module:Class"``).
-    References are the cleaned reports; ``reference_source="truncated"`` scores against the
-    anchors' LM-re-decoded references truncated to ``max_target_tokens`` instead.
+    ``val/score = 0.8·BLEU-4 + 0.2·CIDEr`` for checkpoint selection, and clinical P/R/F1 when
+    ``evaluation.labeler`` is set. The LM learns the R2Gen-cleaned reports, so its outputs are scored
+    as generated (re-cleaning is not idempotent) against the cleaned references, as the official
+    code does.
 
-    The LM learns the R2Gen-cleaned reports, so its outputs are scored as generated (re-cleaning is
-    not idempotent) against the cleaned references, as the anchors do.
-
-    ``gradient_checkpointing`` recomputes the backbone blocks and the LM layers during backward (see
-    the README for the memory it saves with the 1.8B LM).
-
-    Checkpoints leave out the frozen LM weights (they come from ``llm`` at load time).
+    ``gradient_checkpointing`` recomputes the backbone blocks and the LM layers during backward.
+    Checkpoints leave out the frozen LM weights (they come from ``lm.name`` at load time).
     """
 
     stage_name = "stage3-reportgen"
 
     def __init__(
         self,
-        backbone: str = "arm_large_pz16",
-        backbone_overrides: dict[str, Any] | None = None,
-        ssm_impl: ScanImpl | None = None,
+        lm: LMSpec = LMSpec(),
+        ctl_ft: CTLFTSpec = CTLFTSpec(),
+        decoding: Decoding = Decoding(),
+        evaluation: EvaluationSpec = EvaluationSpec(),
         freeze_backbone: bool = False,
         gradient_checkpointing: bool = False,
-        llm: str = "Qwen/Qwen1.5-1.8B-Chat",
-        llm_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        lora: dict[str, Any] | None = None,
-        prompt: str = DEFAULT_PROMPT,
-        template: str = DEFAULT_TEMPLATE,
-        max_target_tokens: int = 60,
-        ctl_weight: float = 0.4,
-        ctl_temperature: float = 0.07,
-        ctl_include_padding: bool = False,
-        ctl_gather: bool = True,
         mapper_init_scale: float | Literal["embedding_rms"] = 1.0,
-        num_beams: int = 5,
-        min_new_tokens: int = 40,
-        max_new_tokens: int = 100,
-        repetition_penalty: float = 2.0,
-        length_penalty: float = 2.0,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        no_repeat_ngram_size: int = 0,
-        reference_source: Literal["cleaned", "truncated"] = "cleaned",
-        labeler: str | None = None,
-        meteor: str = "auto",
-        init_from: str | None = None,
-        init_format: str = "auto",
-        init_prefix: str | None = None,
-        export: bool = True,
-        lr: float = 1e-4,
-        weight_decay: float = 0.01,
-        betas: list[float] | None = None,
-        warmup_steps: float = 0.0,
-        min_lr_ratio: float = 0.01,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.hparams.betas = list(betas or [0.9, 0.999])
+        super().__init__(**kwargs)
+        self.lm_spec = as_spec(LMSpec, lm)
+        self.ctl_ft = as_spec(CTLFTSpec, ctl_ft)
+        self.decoding = as_spec(Decoding, decoding)
+        self.evaluation = as_spec(EvaluationSpec, evaluation)
         self.backbone = self.build_backbone()
         self.backbone.requires_grad_(not freeze_backbone)
+        spec = self.lm_spec
         self.llm = ReportLM(
-            llm,
-            dtype=llm_dtype,
-            prompt=prompt,
-            template=template,
-            max_target_tokens=max_target_tokens,
-            lora=lora,
+            spec.name,
+            dtype=spec.dtype,
+            prompt=spec.prompt,
+            template=spec.template,
+            max_target_tokens=spec.max_target_tokens,
+            lora=spec.lora,
         )
         if gradient_checkpointing:  # recompute backbone blocks and LM layers in backward: memory for time
             self.backbone.set_grad_checkpointing(True)
@@ -108,14 +130,16 @@ class ReportGenModule(BackboneStage):
         self.text_proj = nn.Linear(hidden, hidden)
         # Without CTL-FT nothing trains text_proj (embed() still uses it): frozen, so that DDP sees no
         # trainable parameter without a gradient.
-        self.text_proj.requires_grad_(ctl_weight > 0)
+        self.text_proj.requires_grad_(self.ctl_ft.weight > 0)
+        self.ctl_loss = ContrastiveLoss(gather=self.ctl_ft.gather)
+        labeler = self.evaluation.labeler
         self.labeler = load_labeler(labeler) if labeler else None
         self.val_metrics = self._make_metrics()
         self.test_metrics = self._make_metrics()
         self.strict_loading = False  # frozen LM weights are not in our checkpoints; checked on load
 
     def _make_metrics(self) -> nn.ModuleDict:
-        metrics = nn.ModuleDict({"report": ReportMetrics(meteor=self.hparams.meteor)})
+        metrics = nn.ModuleDict({"report": ReportMetrics(meteor=self.evaluation.meteor)})
         if self.labeler is not None:
             metrics["clinical"] = ClinicalEfficacy(self.labeler.label_names)
         return metrics
@@ -132,23 +156,22 @@ class ReportGenModule(BackboneStage):
     # Model --------------------------------------------------------------------------------------------------
     def encode_visual(self, images: Tensor, view_mask: Tensor | None = None) -> Tensor:
         """Studies (B, V, 3, H, W) → visual tokens (B, L, H) in the LM's embedding space."""
-        return self.mapper(encode_studies(self.backbone, images, view_mask))
+        return self.mapper(self.encode_studies(images, view_mask))
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any]) -> ReportGenOutput:
+        """The stage-3 loss of a batch: the LM's report cross-entropy, plus λ·CTL-FT when λ > 0."""
         visual = self.encode_visual(batch["images"], batch.get("view_mask"))
         sft, inputs = self.llm(visual, batch["reports"])
-        out = {"sft": sft, "loss": sft}
-        if self.hparams.ctl_weight > 0:
-            image, text = self._ctl_embeddings(visual, inputs)
-            ctl = clip_loss(image, text, 1.0 / self.hparams.ctl_temperature, gather=self.hparams.ctl_gather)
-            out["ctl"] = ctl
-            out["loss"] = sft + self.hparams.ctl_weight * ctl
-        return out
+        if self.ctl_ft.weight <= 0:
+            return ReportGenOutput(loss=sft, sft=sft)
+        image, text = self._ctl_embeddings(visual, inputs)
+        ctl = self.ctl_loss(image, text, 1.0 / self.ctl_ft.temperature)
+        return ReportGenOutput(loss=sft + self.ctl_ft.weight * ctl, sft=sft, ctl=ctl)
 
     def _ctl_embeddings(self, visual: Tensor, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """CTL-FT's two sides: the mean visual token, and ``text_proj`` of the mean target embedding."""
         text = self.llm.target_embedding(
-            inputs["target_ids"], inputs["target_mask"], include_padding=self.hparams.ctl_include_padding
+            inputs["target_ids"], inputs["target_mask"], include_padding=self.ctl_ft.include_padding
         )
         image = visual.mean(dim=1)
         return image, self.text_proj(text.to(image.dtype))
@@ -162,40 +185,24 @@ class ReportGenModule(BackboneStage):
 
     @torch.no_grad()
     def generate(self, images: Tensor, view_mask: Tensor | None = None, **overrides: Any) -> list[str]:
-        """Reports for a batch of studies with the configured decoding (``overrides`` change it)."""
-        settings = {**self.decoding(), **overrides}
-        return self.llm.generate(self.encode_visual(images, view_mask), **settings)
-
-    def decoding(self) -> dict[str, Any]:
-        """The decoding parameters, as passed to :meth:`ReportLM.generate`."""
-        keys = (
-            "num_beams",
-            "min_new_tokens",
-            "max_new_tokens",
-            "repetition_penalty",
-            "length_penalty",
-            "do_sample",
-            "temperature",
-            "no_repeat_ngram_size",
-        )
-        return {key: self.hparams[key] for key in keys}
+        """Reports for a batch of studies with the configured decoding (``overrides``: its fields)."""
+        return self.llm.generate(self.encode_visual(images, view_mask), replace(self.decoding, **overrides))
 
     # Steps --------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self(batch)
-        size = len(batch["ids"])
-        for name, value in out.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=size)
-        return out["loss"]
+        for name, value in out.logged().items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=len(batch["ids"]))
+        return out.loss
 
     def _generate_and_update(self, batch: dict[str, Any], metrics: nn.ModuleDict) -> list[dict[str, str]]:
         generated = self.generate(batch["images"], batch.get("view_mask"))
         references = list(batch["reports"])
-        if self.hparams.reference_source == "truncated":
+        if self.evaluation.reference_source == "truncated":
             truncated = truncate_references(
                 dict(zip(batch["ids"], references, strict=True)),
                 self.llm.tokenizer,
-                self.hparams.max_target_tokens,
+                self.lm_spec.max_target_tokens,
             )
             references = [truncated[i] for i in batch["ids"]]
         metrics["report"].update(batch["ids"], generated, references)
@@ -211,8 +218,7 @@ class ReportGenModule(BackboneStage):
         ]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
-        out = self(batch)
-        self.log("val/loss", out["loss"], sync_dist=True, batch_size=len(batch["ids"]))
+        self.log("val/loss", self(batch).loss, sync_dist=True, batch_size=len(batch["ids"]))
         return self._generate_and_update(batch, self.val_metrics)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:

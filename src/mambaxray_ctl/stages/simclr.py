@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambaxray_ctl.backbone import VisionMamba
-from mambaxray_ctl.ops import ScanImpl
 from mambaxray_ctl.stages.base import BackboneStage
 from mambaxray_ctl.stages.losses import gather_with_grad
+from mambaxray_ctl.stages.pretraining import PRETRAIN_BACKBONE, PRETRAIN_OPTIMIZER
+from mambaxray_ctl.stages.specs import BackboneSpec, OptimizerSpec
 
 
 def _uniform(n: int, low: float, high: float, like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -67,9 +68,9 @@ def gaussian_noise(images: Tensor, std: float, generator: torch.Generator | None
 
 def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, gather: bool = True) -> Tensor:
     """SimCLR's NT-Xent: each of the 2N views has its other view as positive and the other 2N − 2 as
-    negatives; mean cross-entropy over all 2N anchors of the (gathered) batch.
+    negatives; mean cross-entropy over all 2N samples of the (gathered) batch.
 
-    As :func:`~mambaxray_ctl.stages.losses.clip_loss`: with ``gather`` each rank computes the loss of
+    As :class:`~mambaxray_ctl.stages.losses.ContrastiveLoss`: with ``gather`` each rank computes the loss of
     the global batch, and DDP's averaged gradient equals the single-process one.
     """
     z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
@@ -90,16 +91,13 @@ class SimCLRModule(BackboneStage):
 
     Any backbone preset works (the whole image goes through ``forward``); the default is the ARM
     pretraining encoder, for a like-for-like Table II comparison. ``val/loss`` uses views seeded by
-    the batch index and each rank's own batch as negatives. ``lr`` is absolute, as in ARMModule.
+    the batch index and each rank's own batch as negatives. ``optimizer.lr`` is absolute, as in ARMModule.
     """
 
     stage_name = "stage1-simclr"
 
     def __init__(
         self,
-        backbone: str = "arm_large_pz16_pretrain",
-        backbone_overrides: dict[str, Any] | None = None,
-        ssm_impl: ScanImpl | None = None,
         proj_hidden_dim: int = 2048,
         proj_dim: int = 128,
         temperature: float = 0.1,
@@ -109,18 +107,11 @@ class SimCLRModule(BackboneStage):
         contrast: float = 0.4,
         noise_std: float = 0.05,
         gather_negatives: bool = True,
-        init_from: str | None = None,
-        init_format: str = "auto",
-        init_prefix: str | None = None,
-        export: bool = True,
-        lr: float = 1.5e-4,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: float = 0.05,
-        min_lr_ratio: float = 0.0,
+        backbone: BackboneSpec = PRETRAIN_BACKBONE,
+        optimizer: OptimizerSpec = PRETRAIN_OPTIMIZER,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(backbone=backbone, optimizer=optimizer, **kwargs)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:

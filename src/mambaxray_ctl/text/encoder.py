@@ -1,7 +1,8 @@
 """The stage-2 report encoder: a trainable Hugging Face encoder (Bio_ClinicalBERT in the paper) with pooling.
 
-The anchors pool the hidden state of the last non-padding token (``attention_mask.sum(1) - 1``, i.e.
-``[SEP]`` for BERT), not ``[CLS]`` (METHOD-ANCHORS §3); ``cls`` and masked ``mean`` are the alternatives.
+The official code pools the hidden state of the last non-padding token (``attention_mask.sum(1) - 1``,
+i.e. ``[SEP]`` for BERT), not ``[CLS]`` (docs/METHOD.md#stage-2-image-report-contrastive-learning);
+``cls`` and masked ``mean`` are the alternatives.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class TextEncoder(nn.Module):
     """Tokenizer + ``AutoModel`` encoder, fully trainable, returning one pooled vector per report.
 
     ``padding="longest"`` pads to the longest report of the batch; ``"max_length"`` pads every batch to
-    ``max_length`` as the anchors do (same pooled values, more compute). Reports are truncated at
+    ``max_length`` as the official code does (same pooled values, more compute;
+    docs/METHOD.md#deviations-in-stage-2). Reports are truncated at
     ``max_length`` tokens either way.
     """
 

@@ -1,13 +1,14 @@
 """The stage-3 report decoder: a frozen causal LM fed with [BOS; prompt; visual tokens; prompt] embeddings.
 
-Sequence layout (METHOD-ANCHORS §4.3, no chat template)::
+Sequence layout (docs/METHOD.md#language-model-and-prompt, no chat template)::
 
     [BOS]  "Human: <Img>"  visual (N tokens)  "</Img> {prompt} \\nAssistant:"  report tokens  EOS  padding
 
-BOS comes from the tokenizer and is left out when it has none (the anchors force id 0, "!", for Qwen);
-EOS is the tokenizer's EOS id rather than the literal text ``"</s>"``, padding is the tokenizer's pad id
-(else EOS) and is masked by position, so a genuine pad-id token in a report is never dropped. The
-prefix has the same length for every sample, so only the target part is padded (on the right).
+BOS comes from the tokenizer and is left out when it has none (the official code forces id 0, "!", for
+Qwen; docs/METHOD.md#deviations-in-stage-3); EOS is the tokenizer's EOS id rather than the literal text
+``"</s>"``, padding is the tokenizer's pad id (else EOS) and is masked by position, so a genuine pad-id
+token in a report is never dropped. The prefix has the same length for every sample, so only the target
+part is padded (on the right).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +32,84 @@ IMAGE_PLACEHOLDER = "<ImageHere>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LMSpec:
+    """The frozen report LM and how a report is put to it.
+
+    Args:
+        name: a local folder or hub name for ``AutoModelForCausalLM`` and its tokenizer.
+        dtype: the LM's weights dtype.
+        lora: LoRA adapter settings (``r``, ``alpha``, ``dropout``, ``target_modules``; needs peft).
+        prompt: the instruction filled into ``template``'s ``{prompt}``.
+        template: the text around the visual tokens; ``<ImageHere>`` marks them.
+        max_target_tokens: report tokens kept for training (longer reports are truncated).
+    """
+
+    name: str = "Qwen/Qwen1.5-1.8B-Chat"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: dict[str, Any] | None = None
+    prompt: str = DEFAULT_PROMPT
+    template: str = DEFAULT_TEMPLATE
+    max_target_tokens: int = 60
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How reports are generated (defaults: the official code's beam search).
+
+    Args:
+        num_beams: beams of the search (1: greedy or sampling).
+        min_new_tokens: tokens before EOS is allowed.
+        max_new_tokens: the longest report, in tokens.
+        repetition_penalty: > 1 discourages tokens already generated.
+        length_penalty: beam scores divided by length ** length_penalty (beam search only).
+        do_sample: sample instead of searching.
+        temperature: sampling temperature (``do_sample`` only).
+        top_p: nucleus sampling threshold (``do_sample`` only); ``None``: off.
+        no_repeat_ngram_size: forbid repeating n-grams of this size (0: off).
+    """
+
+    num_beams: int = 5
+    min_new_tokens: int = 40
+    max_new_tokens: int = 100
+    repetition_penalty: float = 2.0
+    length_penalty: float = 2.0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float | None = None
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1 or self.max_new_tokens < 1 or self.min_new_tokens < 0:
+            raise ValueError(f"num_beams and max_new_tokens must be >= 1, min_new_tokens >= 0: {self}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}"
+            )
+
+    def generation_config(self, bos_id: int | None, eos_id: int, pad_id: int) -> GenerationConfig:
+        """These settings only: every other option is transformers' global default, never a model's
+        shipped generation config (length penalty with beams, temperature/top-p when sampling)."""
+        settings: dict[str, Any] = {}
+        if self.do_sample:
+            settings |= {"temperature": self.temperature, "top_p": self.top_p}
+        if self.num_beams > 1:
+            settings["length_penalty"] = self.length_penalty
+        return GenerationConfig(
+            num_beams=self.num_beams,
+            do_sample=self.do_sample,
+            min_new_tokens=self.min_new_tokens,
+            max_new_tokens=self.max_new_tokens,
+            repetition_penalty=self.repetition_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            use_cache=True,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            **{key: value for key, value in settings.items() if value is not None},
+        )
 
 
 def split_template(template: str, prompt: str) -> tuple[str, str]:
@@ -196,7 +276,8 @@ class ReportLM(nn.Module):
 
     def _targets(self, reports: list[str]) -> tuple[Tensor, Tensor]:
         """Report ids + EOS, truncated to ``max_target_tokens`` (a long report loses its EOS, as in the
-        anchors) and right-padded to it with the pad id; and the mask of the real tokens."""
+        official code; docs/METHOD.md#sft-loss) and right-padded to it with the pad id; and the mask of
+        the real tokens."""
         encoded = self.tokenizer(list(reports), add_special_tokens=False)["input_ids"]
         ids = torch.full((len(encoded), self.max_target_tokens), self.pad_id, dtype=torch.long)
         mask = torch.zeros(ids.shape, dtype=torch.bool)
@@ -246,9 +327,11 @@ class ReportLM(nn.Module):
     def target_embedding(
         self, target_ids: Tensor, target_mask: Tensor, include_padding: bool = False
     ) -> Tensor:
-        """Mean frozen input embedding of the target tokens, (B, H) in float32 (METHOD-ANCHORS §4.4).
+        """Mean frozen input embedding of the target tokens, (B, H) in float32
+        (docs/METHOD.md#ctl-ft-loss).
 
-        Padding is left out unless ``include_padding`` (the anchors average over all positions).
+        Padding is left out unless ``include_padding`` (the official code averages over all positions;
+        docs/METHOD.md#deviations-in-stage-3).
         """
         embeddings = self.input_embeddings(target_ids).float()
         if include_padding:
@@ -257,46 +340,20 @@ class ReportLM(nn.Module):
         return (embeddings * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     @torch.no_grad()
-    def generate_ids(
-        self,
-        visual: Tensor,
-        *,
-        num_beams: int = 5,
-        min_new_tokens: int = 40,
-        max_new_tokens: int = 100,
-        repetition_penalty: float = 2.0,
-        length_penalty: float = 2.0,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float | None = None,
-        no_repeat_ngram_size: int = 0,
-    ) -> Tensor:
+    def generate_ids(self, visual: Tensor, decoding: Decoding | None = None, **overrides: Any) -> Tensor:
         """New token ids, (B, <= max_new_tokens); finished rows continue with padding after EOS.
 
-        Only the given options apply; the rest are transformers' global defaults (e.g. ``top_k=50``
-        when sampling), never the model's shipped generation config. Runs in eval mode whatever the
-        wrapper's mode (no LoRA dropout, KV cache on), so beam search is deterministic.
+        ``decoding`` (default: :class:`Decoding`'s) with ``overrides`` (its field names) applied. Runs
+        in eval mode whatever the wrapper's mode (no LoRA dropout, KV cache on), so beam search is
+        deterministic.
         """
-        settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-        if num_beams > 1:
-            settings["length_penalty"] = length_penalty
-        config = GenerationConfig(
-            num_beams=num_beams,
-            do_sample=do_sample,
-            min_new_tokens=min_new_tokens,
-            max_new_tokens=max_new_tokens,
-            repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            use_cache=True,
-            bos_token_id=self.bos_id,
-            eos_token_id=self.eos_id,
-            pad_token_id=self.pad_id,
-            **{key: value for key, value in settings.items() if value is not None},
-        )
+        decoding = replace(decoding or Decoding(), **overrides)
+        config = decoding.generation_config(self.bos_id, self.eos_id, self.pad_id)
         prefix = self._prefix(visual)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         # With inputs_embeds alone, transformers 5 returns only the new tokens, and the repetition penalty
-        # sees only them (as in the anchors); it warns about the latter on every call.
+        # sees only them (as in the official code; docs/METHOD.md#decoding); it warns about the latter on
+        # every call.
         with warnings.catch_warnings(), self._eval_mode():
             warnings.filterwarnings(
                 "ignore", message=".*repetition_penalty.*inputs_embeds", category=UserWarning
@@ -312,32 +369,7 @@ class ReportLM(nn.Module):
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
 
-    def generate(
-        self,
-        visual: Tensor,
-        *,
-        num_beams: int = 5,
-        min_new_tokens: int = 40,
-        max_new_tokens: int = 100,
-        repetition_penalty: float = 2.0,
-        length_penalty: float = 2.0,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float | None = None,
-        no_repeat_ngram_size: int = 0,
-    ) -> list[str]:
+    def generate(self, visual: Tensor, decoding: Decoding | None = None, **overrides: Any) -> list[str]:
         """Reports for (B, N, H) visual tokens: :meth:`generate_ids` then :meth:`decode` (beam search,
         deterministic unless ``do_sample``)."""
-        ids = self.generate_ids(
-            visual,
-            num_beams=num_beams,
-            min_new_tokens=min_new_tokens,
-            max_new_tokens=max_new_tokens,
-            repetition_penalty=repetition_penalty,
-            length_penalty=length_penalty,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-        )
-        return self.decode(ids)
+        return self.decode(self.generate_ids(visual, decoding, **overrides))

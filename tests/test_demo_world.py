@@ -11,16 +11,10 @@ from PIL import Image
 
 from mambaxray_ctl.cli import main
 from mambaxray_ctl.data.cleaning import clean_report_iu_xray
-from mambaxray_ctl.demo.world import (
-    LABEL_NAMES,
-    Findings,
-    extract_labels,
-    generate_world,
-    render_frontal,
-    render_lateral,
-    sample_patient,
-    sample_study,
-)
+from mambaxray_ctl.demo.findings import LABEL_NAMES, Findings
+from mambaxray_ctl.demo.labeller import extract_labels
+from mambaxray_ctl.demo.render import render_frontal, render_lateral, sample_patient
+from mambaxray_ctl.demo.world import generate_world, sample_study
 
 
 def test_extract_reads_back_the_labels_of_many_studies() -> None:

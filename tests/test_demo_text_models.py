@@ -183,7 +183,8 @@ def test_demo_lm_writes_the_findings_its_image_slot_names(tmp_path: Path) -> Non
     from sklearn.metrics import f1_score
 
     from mambaxray_ctl.data.cleaning import clean_report
-    from mambaxray_ctl.demo.world import extract_labels, sample_study
+    from mambaxray_ctl.demo.labeller import extract_labels
+    from mambaxray_ctl.demo.world import sample_study
     from mambaxray_ctl.text.llm import ReportLM
 
     train = [{"id": str(i), "report": sample_study(0, i)[1], "image_path": []} for i in range(1680)]
@@ -224,15 +225,31 @@ def test_demo_rebuilds_text_models_of_an_older_recipe_or_world(
     assert _text_models_current(tmp_path, 2)
 
 
+def _record_data_builders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replace the world generator (it writes an empty current world) and the text-model build by
+    recorders; returns what they were asked to build, in order."""
+    from mambaxray_ctl.demo import text_models, world
+
+    calls: list[str] = []
+
+    def generate(out: Path, **_: object) -> Path:
+        calls.append("world")
+        empty = {"world_version": world.WORLD_VERSION, "train": [], "val": [], "test": []}
+        (out / "annotation.json").write_text(json.dumps(empty))
+        return out / "annotation.json"
+
+    monkeypatch.setattr(world, "generate_world", generate)
+    monkeypatch.setattr(text_models, "build_text_models", lambda *args: calls.append("text models"))
+    return calls
+
+
 def test_demo_regenerates_a_world_of_an_older_version_and_its_text_models(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mambaxray_ctl import cli
     from mambaxray_ctl.demo.run import prepare_demo_data
     from mambaxray_ctl.demo.world import WORLD_VERSION
 
-    calls: list[str] = []
-    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv[0]) or 0)
+    calls = _record_data_builders(monkeypatch)
     annotation = tmp_path / "annotation.json"
     annotation.write_text(json.dumps({"train": []}))  # written before worlds had a version
     (tmp_path / "text" / "lm").mkdir(parents=True)
@@ -240,7 +257,7 @@ def test_demo_regenerates_a_world_of_an_older_version_and_its_text_models(
     build = {"recipe": demo_models.RECIPE, "world_version": WORLD_VERSION}
     (tmp_path / "text" / demo_models.BUILD_LOG).write_text(json.dumps(build))
     assert prepare_demo_data(tmp_path, 10, 0, {})
-    assert calls == ["make-demo-data", "build-demo-text-models"]  # text models follow the world
+    assert calls == ["world", "text models"]  # text models follow the world
     assert "older version" in capsys.readouterr().err
     calls.clear()
     annotation.write_text(json.dumps({"world_version": WORLD_VERSION, "train": []}))
@@ -250,14 +267,12 @@ def test_demo_regenerates_a_world_of_an_older_version_and_its_text_models(
 def test_demo_data_only_prepares_the_world_and_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mambaxray_ctl import cli
     from mambaxray_ctl.demo import run as demo
 
-    calls: list[str] = []
-    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv[0]) or 0)
+    calls = _record_data_builders(monkeypatch)
     monkeypatch.setattr(demo, "run_pipeline", lambda *args: pytest.fail("--data-only ran the stages"))
     parser = argparse.ArgumentParser()
     demo.configure_parser(parser)
     assert demo.run(parser.parse_args(["--data", str(tmp_path), "--data-only"])) == 0
-    assert calls == ["make-demo-data", "build-demo-text-models"]
+    assert calls == ["world", "text models"]
     assert "are current" in capsys.readouterr().out
