@@ -22,8 +22,8 @@ from mambaxray_ctl.logs import configure_logging, rank_from_env
 from test_ddp import DDP, run_command, run_mambaxray
 from test_stages_cli import cli_args
 
-# The hand-off argument in its first spelling (still read, with a warning, by the renamed CLI).
-HANDOFF = "--model.init_args.init_from"
+# The hand-off argument (the stage's first backbone weights).
+HANDOFF = "--model.init_args.handoff.source"
 RANK_ENV = (
     "RANK",
     "LOCAL_RANK",

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from mambaxray_ctl import pipeline as pl
 from mambaxray_ctl.demo import ablation
@@ -79,9 +80,24 @@ def test_cli_args_order_files_run_root_overrides_handoff_then_extra() -> None:
         pl.nested(pl.HANDOFF_ARG, "/e.safetensors"),
     ]
     assert "--trainer.logger.init_args.save_dir=/runs" in argv and argv[-1] == "--x=1"
-    assert _handoff(pl._cli_args(pipeline, "fit", STAGE2, handoff=None)) == [None]
+    assert "--trainer.logger.init_args.name=stage3" in argv
+    stage2 = pl._cli_args(pipeline, "fit", STAGE2, handoff=None)
+    assert _handoff(stage2) == [None] and "--trainer.logger.init_args.name=stage2" in stage2
     predict = pl._cli_args(pipeline, "predict", STAGE3, ckpt=Path("/c.ckpt"))
     assert predict[-1] == "--ckpt_path=/c.ckpt" and _handoff(predict) == []
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.config)
+def test_each_stage_config_names_its_runs_as_the_pipeline_does(stage: pl.Stage) -> None:
+    """The configs' logger name (a plain ``mambaxray-ctl fit -c ...``) is the stage's run folder, which the
+    pipeline passes itself; no dataset-specific config renames it."""
+    names = []
+    for path in [CONFIGS / f"{stage.config}.yaml", *sorted(CONFIGS.glob(f"*/{stage.config}.yaml"))]:
+        trainer = (yaml.safe_load(path.read_text()) or {}).get("trainer") or {}
+        name = ((trainer.get("logger") or {}).get("init_args") or {}).get("name")
+        if name is not None or path.parent == CONFIGS:
+            names.append(name)
+    assert names and set(names) == {stage.name}
 
 
 def _configs(argv: list[str]) -> list[str]:
@@ -270,19 +286,67 @@ def test_evaluate_scores_with_the_demo_labeller_for_the_demo_data_only(
 
     calls: list[tuple[Any, ...]] = []
 
-    def fake(path: Any, data: str, labeler: Any = None) -> dict[str, int]:
+    def fake(path: Any, data: str, labeler: Any = None, **settings: Any) -> dict[str, int]:
         calls.append((path, data, labeler))
         return {"n": 1}
 
     monkeypatch.setattr(evaluation, "evaluate_predictions", fake)
     assert pl.evaluate("p.jsonl", "demo") == {"n": 1}
     assert pl.evaluate("p.jsonl", "iu_xray", out=tmp_path / "metrics.json") == {"n": 1}
-    assert calls == [("p.jsonl", "demo", "demo"), ("p.jsonl", "iu_xray", None)]
+    assert pl.evaluate("p.jsonl", "demo", labeler=None) == {"n": 1}
+    assert calls == [("p.jsonl", "demo", "demo"), ("p.jsonl", "iu_xray", None), ("p.jsonl", "demo", None)]
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"n": 1}
+
+
+def test_newest_predictions_is_the_prediction_writers_file(tmp_path: Path) -> None:
+    from mambaxray_ctl.callbacks.predictions import PREDICTIONS_NAME
+
+    assert pl.predictions_name() == PREDICTIONS_NAME
     pipeline = Pipeline(data="demo", out=tmp_path)
     assert pl.newest_predictions(pipeline) is None
-    written = _touch(tmp_path / "stage3" / "version_4" / pl.PREDICTIONS_NAME, 0)
+    _touch(tmp_path / "stage3" / "version_3" / PREDICTIONS_NAME, 2000)
+    written = _touch(tmp_path / "stage3" / "version_4" / PREDICTIONS_NAME, 3000)
     assert pl.newest_predictions(pipeline) == written
+
+
+def test_pipeline_evaluate_prints_and_writes_what_the_evaluate_command_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from mambaxray_ctl.evaluation import evaluate as evaluation
+
+    def fake(path: Any, data: str, labeler: Any = None, **settings: Any) -> dict[str, Any]:
+        counts = {"num_studies": 3, "num_empty_generated": 1, "num_duplicate_ids": 2}
+        return {"BLEU_4": 0.25, **counts, "num_conflicting_duplicates": 1, "dataset": data, "labeler": None}
+
+    monkeypatch.setattr(evaluation, "evaluate_predictions", fake)
+    predictions = _touch(tmp_path / "stage3" / "version_0" / pl.predictions_name(), 0)
+    metrics = predictions.with_name(evaluation.METRICS_NAME)
+
+    parser = argparse.ArgumentParser()
+    pl.configure_parser(parser)
+    assert pl.run(parser.parse_args(["evaluate", "--data", "iu_xray", "--out", str(tmp_path)])) == 0
+    from_pipeline = capsys.readouterr().out
+    assert json.loads(metrics.read_text())["BLEU_4"] == 0.25
+    metrics.unlink()
+
+    parser = argparse.ArgumentParser()
+    evaluation.configure_parser(parser)
+    assert evaluation.run(parser.parse_args([str(predictions), "--dataset", "iu_xray"])) == 0
+    assert capsys.readouterr().out == from_pipeline and metrics.is_file()
+    assert "3 studies, 1 with empty generated text, 2 duplicate ids dropped" in from_pipeline
+    assert "clinical scores: omitted" in from_pipeline and f"wrote {metrics}" in from_pipeline
+
+
+def test_pipeline_evaluate_reports_a_bad_predictions_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x"}\n')
+    parser = argparse.ArgumentParser()
+    pl.configure_parser(parser)
+    assert pl.run(parser.parse_args(["evaluate", "--predictions", str(bad)])) == 2
+    assert "bad.jsonl:1: missing key(s) generated, reference" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.json").exists()
 
 
 # Ablation rows --------------------------------------------------------------------------------------------
@@ -338,9 +402,27 @@ def test_ablation_command_checks_every_row_before_any_training(
     parser = argparse.ArgumentParser()
     ablation.configure_parser(parser)
     args = parser.parse_args([str(tmp_path / "01_good.yaml"), str(tmp_path / "02_bad.yaml")])
-    assert args.budget == "configs/ablation/budget.yaml"
+    assert args.budget is None
     assert ablation.run(args) == 2
     assert "02_bad.yaml: stage1 must be one of" in capsys.readouterr().err
+
+
+def test_ablation_budget_defaults_to_the_one_of_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    assert ablation.budget_path(CONFIGS, None) == CONFIGS / "ablation" / "budget.yaml"
+    assert ablation.budget_path(CONFIGS, "") is None
+    assert ablation.budget_path(CONFIGS, "b.yaml") == Path("b.yaml")
+    monkeypatch.setattr(ablation, "prepare_demo_data", lambda *args: pytest.fail("a bad budget ran"))
+    (tmp_path / "ablation").mkdir()
+    (tmp_path / "ablation" / "01_row.yaml").write_text("name: row")
+    (tmp_path / "ablation" / "budget.yaml").write_text("args: {stage2: ['--trainer.max_epochs=1']}")
+    parser = argparse.ArgumentParser()
+    ablation.configure_parser(parser)
+    assert ablation.run(parser.parse_args(["--configs", str(tmp_path)])) == 2
+    assert (
+        f"{tmp_path / 'ablation' / 'budget.yaml'}: a budget holds only overrides" in capsys.readouterr().err
+    )
 
 
 def test_ablation_row_defaults_and_overrides(tmp_path: Path) -> None:

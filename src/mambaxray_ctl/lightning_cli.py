@@ -17,10 +17,11 @@ checkpoint that does not fit the configured module fails on load, naming the key
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mambaxray_ctl.compat import upgrade_argv
@@ -55,17 +56,24 @@ class MambaXrayCLI(LightningCLI):
             run=run,
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Lightning's parsing, without its warning against ``args`` beside a command line: here the
+        ``args`` are that command line upgraded, or a pipeline step's (``mambaxray-ctl pipeline``)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         """Keep the config's model arguments; ``--ckpt_path`` only restores weights and state."""
 
     def before_fit(self) -> None:
         if self.config.fit.get("ckpt_path") and isinstance(self.model, BackboneStage):
-            self.model.skip_init_from()
+            self.model.skip_handoff()
 
 
 def _upgraded(args: Sequence[str] | None) -> list[str] | None:
-    """``args`` (``None``: the command line) with deprecated spellings rewritten; ``None`` when the
-    command line needs no change (LightningCLI then reads it itself, without a warning)."""
+    """``args`` (``None``: the command line) with old names upgraded (:func:`upgrade_argv`); ``None``
+    when the command line needs no change (LightningCLI then reads it itself)."""
     given = sys.argv[1:] if args is None else list(args)
     upgraded = upgrade_argv(given)
     return None if args is None and upgraded == given else upgraded

@@ -9,6 +9,8 @@ Used by ``make stage1|stage2|stage3|predict|evaluate`` (through ``mambaxray-ctl 
 - **Config composition** (:meth:`Pipeline.config_files`): ``configs/data/<data>.yaml``,
   ``configs/<stage config>.yaml``, ``configs/<data>/<stage config>.yaml`` when present, then
   ``configs/trainer/<trainer>.yaml`` (trainer preset: ``cpu`` for the demo data, ``gpu`` otherwise).
+  The run root and the run name (:attr:`Stage.name`) are set as arguments, so that the configs' logger
+  ``save_dir`` / ``name`` (what a plain ``mambaxray-ctl fit -c ...`` uses) cannot send a step elsewhere.
   Overrides are nested config dicts (``{"trainer": {"max_epochs": 1}}``) applied after these files;
   extra command-line arguments come last.
 - **Hand-off** (:func:`resolve_handoff`): stage N+1 initialises its backbone from the newest (by
@@ -18,7 +20,8 @@ Used by ``make stage1|stage2|stage3|predict|evaluate`` (through ``mambaxray-ctl 
   ``val/score`` that stage 3's ``ModelCheckpoint`` keeps when validation ran, else ``last.ckpt``;
   a log line says which one and why.
 - **Predict** (:func:`predict`) writes ``predictions.jsonl`` for the test split into a new stage-3 run
-  directory; **evaluate** (:func:`evaluate`) scores it with the paper's protocol.
+  directory; **evaluate** (:func:`evaluate`) scores it with the paper's protocol, as ``mambaxray-ctl
+  evaluate`` does (:func:`mambaxray_ctl.evaluation.evaluate.evaluate_file`).
 
 Each step runs the LightningCLI in this process (:class:`~mambaxray_ctl.lightning_cli.MambaXrayCLI`);
 its argument list is built in one place (:func:`_cli_args`).
@@ -30,9 +33,7 @@ import argparse
 import json
 import logging
 import sys
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,6 @@ HANDOFF_ARG = "model.init_args.handoff.source"
 # The metric whose best checkpoint predict uses (stage 3's ModelCheckpoint monitors it).
 PREDICT_MONITOR = "val/score"
 LAST_CHECKPOINT = "last.ckpt"
-PREDICTIONS_NAME = "predictions.jsonl"
 # ``init`` of :func:`resolve_handoff` / :func:`fit_stage`: the newest export of the previous stage.
 NEWEST = "newest"
 DEMO_DATA = "demo"
@@ -58,6 +58,14 @@ STAGE1_METHODS: dict[str, str] = {"arm": "stage1_arm", "mae": "stage1_mae", "sim
 
 # A nested config dict, as in a config file: {"trainer": {"max_epochs": 1}}.
 Overrides = Mapping[str, Any]
+
+
+def predictions_name() -> str:
+    """The predictions file of a predict run (``PredictionWriter``'s; imported here only when needed:
+    its module imports Lightning, which ``mambaxray-ctl pipeline --help`` does not need)."""
+    from mambaxray_ctl.callbacks.predictions import PREDICTIONS_NAME
+
+    return PREDICTIONS_NAME
 
 
 class PipelineError(Exception):
@@ -341,12 +349,14 @@ def _cli_args(
     handoff: Path | None = _UNSET,
     ckpt: Path | None = None,
 ) -> list[str]:
-    """The LightningCLI argument list of one step: config files, run root, overrides and the hand-off
-    (each a config given as a JSON string), the checkpoint, then ``args``."""
+    """The LightningCLI argument list of one step: config files, run root and run name (the stage's
+    folder under it), overrides and the hand-off (each a config given as a JSON string), the checkpoint,
+    then ``args``."""
     argv = [command]
     for path in pipeline.config_files(stage):
         argv += ["-c", str(path)]
     argv.append(f"--trainer.logger.init_args.save_dir={pipeline.runs_root}")
+    argv.append(f"--trainer.logger.init_args.name={stage.name}")
     configs = [*pipeline.overrides, *overrides]
     if handoff is not _UNSET:
         configs.append(nested(HANDOFF_ARG, None if handoff is None else str(handoff)))
@@ -357,21 +367,13 @@ def _cli_args(
     return [*argv, *args]
 
 
-@contextmanager
-def _quiet_args_warning() -> Iterator[None]:
-    """LightningCLI warns when given ``args`` while ``sys.argv`` holds options (here: this command's own).
-    ``sys.argv`` itself is kept: Lightning's DDP launcher starts the other ranks with it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        yield
-
-
 def _run_cli(argv: list[str]) -> Any:
+    """Run the LightningCLI on ``argv`` in this process (``sys.argv`` is kept: Lightning's DDP launcher
+    starts the other ranks with it; MambaXrayCLI does not warn about ``args`` beside it)."""
     from mambaxray_ctl.lightning_cli import MambaXrayCLI
 
     log.debug("LightningCLI %s", argv)
-    with _quiet_args_warning():
-        return MambaXrayCLI(args=argv)
+    return MambaXrayCLI(args=argv)
 
 
 # The steps ------------------------------------------------------------------------------------------------
@@ -435,30 +437,27 @@ def predict(
     pipeline.config_files(PREDICT_STAGE)  # a missing config is reported before a missing checkpoint
     choice = ckpt if isinstance(ckpt, CheckpointChoice) else predict_checkpoint(pipeline, ckpt)
     cli = _run_cli(_cli_args(pipeline, "predict", PREDICT_STAGE, overrides, args, ckpt=choice.path))
-    return Path(cli.trainer.log_dir) / PREDICTIONS_NAME
+    return Path(cli.trainer.log_dir) / predictions_name()
 
 
 def newest_predictions(pipeline: Pipeline) -> Path | None:
     """The newest ``predictions.jsonl`` under the stage-3 runs."""
-    return _newest(sorted(pipeline.stage_dir(PREDICT_STAGE).glob(f"*/{PREDICTIONS_NAME}")))
+    return _newest(sorted(pipeline.stage_dir(PREDICT_STAGE).glob(f"*/{predictions_name()}")))
 
 
 def evaluate(
-    predictions: str | Path, data: str, labeler: str | None = "auto", out: Path | None = None
+    predictions: str | Path, data: str, labeler: str | None = "auto", out: str | Path | None = None
 ) -> dict[str, Any]:
-    """The paper's metrics of a predictions file of dataset ``data``; also written to ``out`` if given.
+    """The paper's metrics of a predictions file of dataset ``data``, as ``mambaxray-ctl evaluate``
+    computes them (:func:`~mambaxray_ctl.evaluation.evaluate.evaluate_file`); also written to ``out``
+    if given.
 
-    ``labeler``: ``auto`` (the demo labeller for the demo data, none otherwise), a labeller spec, or
-    ``None`` (no clinical scores).
+    ``labeler``: ``auto`` (that command's default: the demo labeller for the demo data, none
+    otherwise), a labeller spec, or ``None`` / ``none`` (no clinical scores).
     """
-    from mambaxray_ctl.evaluation.evaluate import evaluate_predictions
+    from mambaxray_ctl.evaluation.evaluate import evaluate_file
 
-    if labeler == "auto":
-        labeler = "demo" if data == DEMO_DATA else None
-    metrics = evaluate_predictions(predictions, data, labeler=labeler)
-    if out is not None:
-        Path(out).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-    return metrics
+    return evaluate_file(predictions, data, labeler=labeler, out=out)
 
 
 # ``mambaxray-ctl pipeline`` ------------------------------------------------------------------------------
@@ -519,10 +518,10 @@ def _run_step(args: argparse.Namespace) -> int:
         predictions = args.predictions or newest_predictions(pipeline)
         if predictions is None:
             raise PipelineError(
-                f"no {PREDICTIONS_NAME} under {pipeline.stage_dir(PREDICT_STAGE)}/*/: run `make predict "
-                f"DATA={args.data}` first, or pass PRED=path (--predictions PATH)"
+                f"no {predictions_name()} under {pipeline.stage_dir(PREDICT_STAGE)}/*/: run `make "
+                f"predict DATA={args.data}` first, or pass PRED=path (--predictions PATH)"
             )
-        return _print_evaluation(predictions, args.data)
+        return _evaluate_step(Path(predictions), args.data)
     pipeline = Pipeline(data=args.data, trainer=args.trainer, configs=args.configs, out=args.out)
     # no prints here: under DDP every rank runs this command (the log lines are rank 0's)
     if args.step == "predict":
@@ -532,18 +531,14 @@ def _run_step(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_evaluation(predictions: Path, data: str) -> int:
-    from mambaxray_ctl.evaluation.evaluate import format_table
+def _evaluate_step(predictions: Path, data: str) -> int:
+    """``mambaxray-ctl evaluate PREDICTIONS --dataset DATA``: the same scores, file and report."""
+    from mambaxray_ctl.evaluation.evaluate import metrics_path, print_report
 
-    out = Path(predictions).with_name("metrics.json")
+    out = metrics_path(predictions)
     try:
         metrics = evaluate(predictions, data, out=out)
     except (OSError, ValueError, RuntimeError) as exc:
         raise PipelineError(str(exc)) from exc
-    print(format_table(metrics, data, Path(predictions).name))
-    if "METEOR" not in metrics:
-        print("METEOR: n/a (needs Java)")
-    if "CE_F1_macro" not in metrics:
-        print("clinical scores: omitted (no labeller; `mambaxray-ctl evaluate --labeler` takes one)")
-    print(f"{metrics['num_studies']} studies scored; wrote {out}")
+    print_report(metrics, predictions.name, out)
     return 0

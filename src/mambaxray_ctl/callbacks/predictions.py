@@ -15,6 +15,9 @@ from mambaxray_ctl.distributed import all_gather_objects
 
 log = logging.getLogger(__name__)
 
+# The file a predict run writes in its run directory (the pipeline looks for it there).
+PREDICTIONS_NAME = "predictions.jsonl"
+
 
 class PredictionWriter(BasePredictionWriter):
     """Writes ``{id, generated, reference, dataset, checkpoint, decoding}`` per study, one JSON per line.
@@ -40,7 +43,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def _output_path(self, trainer: Trainer) -> Path:
         path = Path(self.output) if self.output else Path(trainer.log_dir or trainer.default_root_dir)
-        return path / "predictions.jsonl" if path.suffix != ".jsonl" else path
+        return path / PREDICTIONS_NAME if path.suffix != ".jsonl" else path
 
     def _write(self, trainer: Trainer, pl_module: LightningModule, rows: list[dict], path: Path) -> Path:
         unique: dict[str, dict] = {}

@@ -9,8 +9,9 @@ Each row file in ``configs/ablation/`` says which stages the row trains and how 
     overrides:         # optional, per stage (stage1 | stage2 | stage3): nested config dicts
       stage3: {trainer: {max_epochs: 5}}
 
-``budget.yaml`` there (``overrides:`` as above) shortens the training of every row. Each row runs the
-same :mod:`mambaxray_ctl.pipeline` steps as ``mambaxray-ctl demo`` into ``<out>/<row>/``; with
+``budget.yaml`` there (``<configs>/ablation/budget.yaml`` unless ``--budget`` names another;
+``overrides:`` as above) shortens the training of every row. Each row runs the same
+:mod:`mambaxray_ctl.pipeline` steps as ``mambaxray-ctl demo`` into ``<out>/<row>/``; with
 validation skipped in stage 3 (the budget), predict takes its ``last.ckpt`` by the pipeline's
 checkpoint rule. Each row is scored with the paper's metrics and the demo labeller. The table is
 printed and written to ``<out>/ablation.json`` and ``<out>/ablation.md``.
@@ -54,7 +55,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/ablation", help="output root (default: outputs/ablation)")
     parser.add_argument("--configs", default="configs", help="config folder (default: configs)")
     parser.add_argument(
-        "--budget", default="configs/ablation/budget.yaml", help="overrides shared by every row ('': none)"
+        "--budget",
+        default=None,
+        help="overrides shared by every row (default: CONFIGS/ablation/budget.yaml; '': none)",
     )
 
 
@@ -161,12 +164,19 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def budget_path(configs: Path, budget: str | None) -> Path | None:
+    """The budget file: ``budget`` if given (``''``: none), else ``<configs>/ablation/budget.yaml``."""
+    if budget is None:
+        return Path(configs) / "ablation" / "budget.yaml"
+    return Path(budget) if budget else None
+
+
 def run(args: argparse.Namespace) -> int:
     configs, data, out = Path(args.configs), Path(args.data), Path(args.out)
     row_files = [Path(p) for p in args.rows] or sorted((configs / "ablation").glob("[0-9]*.yaml"))
     try:  # all validated before any training
         rows: Sequence[tuple[Path, Row]] = [(path, read_row(path)) for path in row_files]
-        budget = read_budget(Path(args.budget) if args.budget else None)
+        budget = read_budget(budget_path(configs, args.budget))
     except (OSError, ValueError, PipelineError) as exc:
         print(f"mambaxray-ctl ablation: error: {exc}", file=sys.stderr)
         return 2

@@ -3,8 +3,10 @@
 ``mambaxray-ctl evaluate predictions.jsonl --dataset iu_xray|chexpert_plus|demo`` reads one JSON
 object per line with at least ``id``, ``generated`` and ``reference`` (other keys are ignored),
 keeps the first line of each study id, scores the corpus with :func:`score_reports` — plus clinical
-efficacy when a labeller is given (``demo`` by default for the demo dataset) — prints a paper-style
-table and writes ``metrics.json`` next to the predictions (``--out`` to change).
+efficacy when a labeller is given (``demo`` by default for the demo dataset: :func:`resolve_labeler`) —
+prints a paper-style table and writes ``metrics.json`` next to the predictions (``--out`` to change).
+``mambaxray-ctl pipeline evaluate`` (``make evaluate``) does the same through :func:`evaluate_file` and
+:func:`print_report`.
 
 Texts are scored as written by default: the predict step writes R2Gen-cleaned text, and cleaning is
 not idempotent (the last sentence gains a space before its final ``"."`` on every pass, which
@@ -28,6 +30,13 @@ from mambaxray_ctl.metrics.report import MeteorOption, deduplicate, score_report
 # CheXpertPlusDataModule, DemoDataModule), so that --clean scores texts as training saw them.
 DATASET_RULES = {"iu_xray": "iu_xray", "chexpert_plus": "mimic_cxr", "demo": "iu_xray"}
 REQUIRED_KEYS = ("id", "generated", "reference")
+# The metrics file written next to the predictions (``<run dir>/metrics.json``).
+METRICS_NAME = "metrics.json"
+# ``--labeler`` default: the demo labeller for the demo dataset, none otherwise (:func:`resolve_labeler`).
+AUTO_LABELER = "auto"
+DEMO_DATASET = "demo"
+DEMO_LABELER = "demo"  # metrics.clinical.BUILTIN_LABELERS
+NO_LABELER = "none"
 # The MambaXray-CTL paper's Table I could not be found in a trustworthy source; no numbers are
 # printed for it rather than numbers from memory.
 PAPER_ROWS_NOTE = "paper rows: not available"
@@ -66,6 +75,20 @@ def read_prediction_rows(path: str | Path) -> list[dict[str, Any]]:
 def read_predictions(path: str | Path) -> list[tuple[str, str, str]]:
     """``(id, generated, reference)`` of every line (see :func:`read_prediction_rows`)."""
     return [(row["id"], row["generated"], row["reference"]) for row in read_prediction_rows(path)]
+
+
+def resolve_labeler(dataset: str, labeler: Labeler | str | None = AUTO_LABELER) -> Labeler | str | None:
+    """The labeller to score ``dataset`` with: for ``auto``, the demo labeller for the demo dataset and
+    none otherwise; ``"none"`` or ``None``: none; anything else (a :func:`load_labeler` spec or a
+    :class:`Labeler`) as given."""
+    if labeler == AUTO_LABELER:
+        return DEMO_LABELER if dataset == DEMO_DATASET else None
+    return None if labeler in (None, NO_LABELER) else labeler
+
+
+def metrics_path(predictions: str | Path) -> Path:
+    """The default metrics file of a predictions file: :data:`METRICS_NAME` beside it."""
+    return Path(predictions).with_name(METRICS_NAME)
 
 
 def evaluate_predictions(
@@ -113,6 +136,47 @@ def evaluate_predictions(
     return metrics
 
 
+def evaluate_file(
+    predictions: str | Path,
+    dataset: str,
+    labeler: Labeler | str | None = AUTO_LABELER,
+    out: str | Path | None = None,
+    meteor: MeteorOption = "auto",
+    clean: bool = False,
+) -> dict[str, Any]:
+    """Score a predictions file (:func:`evaluate_predictions`, the labeller by :func:`resolve_labeler`)
+    and write the metrics as JSON to ``out`` (e.g. :func:`metrics_path`; ``None``: no file).
+
+    Raises :class:`OSError`, :class:`ValueError` or :class:`RuntimeError` with a message for the user.
+    """
+    metrics = evaluate_predictions(
+        predictions, dataset, labeler=resolve_labeler(dataset, labeler), meteor=meteor, clean=clean
+    )
+    if out is not None:
+        Path(out).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    return metrics
+
+
+def print_report(metrics: dict[str, Any], name: str, out: str | Path | None = None) -> None:
+    """Print what ``mambaxray-ctl evaluate`` prints: the table (:func:`format_table`), what was left out
+    and why, the counts of studies, empty texts and duplicate ids, and the metrics file ``out``."""
+    print(format_table(metrics, metrics["dataset"], name))
+    if "METEOR" not in metrics:
+        print("METEOR: n/a (needs Java; `mambaxray-ctl evaluate --meteor on` requires it)")
+    if metrics.get("labeler") is None:
+        print(
+            "clinical scores: omitted (no labeller; `mambaxray-ctl evaluate --labeler "
+            "package.module:ClassName` takes one)"
+        )
+    print(
+        f"{metrics['num_studies']} studies, {metrics['num_empty_generated']} with empty generated text, "
+        f"{metrics['num_duplicate_ids']} duplicate ids dropped "
+        f"({metrics['num_conflicting_duplicates']} with different text; the first line was kept)"
+    )
+    if out is not None:
+        print(f"wrote {out}")
+
+
 def format_table(metrics: dict[str, Any], dataset: str, name: str) -> str:
     """A paper-style table of our row (the paper's rows for iu_xray / chexpert_plus are not available)."""
     columns = [("BLEU-1", "BLEU_1"), ("BLEU-2", "BLEU_2"), ("BLEU-3", "BLEU_3"), ("BLEU-4", "BLEU_4")]
@@ -140,12 +204,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--labeler",
-        default=None,
-        help="clinical labeller: demo, package.module:ClassName or none (default: demo for the demo "
-        "dataset, none otherwise)",
+        default=AUTO_LABELER,
+        help="clinical labeller: demo, package.module:ClassName, none, or auto (the default: demo for the "
+        "demo dataset, none otherwise)",
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="metrics file (default: metrics.json next to the predictions)"
+        "--out",
+        type=Path,
+        default=None,
+        help=f"metrics file (default: {METRICS_NAME} next to the predictions)",
     )
     parser.add_argument(
         "--meteor",
@@ -162,26 +229,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = args.labeler or ("demo" if args.dataset == "demo" else "none")
     meteor: MeteorOption = {"auto": "auto", "on": True, "off": False}[args.meteor]
+    out = args.out or metrics_path(args.predictions)
     try:
-        metrics = evaluate_predictions(
-            args.predictions, args.dataset, None if spec == "none" else spec, meteor=meteor, clean=args.clean
-        )
-        out = args.out or args.predictions.with_name("metrics.json")
-        out.write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+        metrics = evaluate_file(args.predictions, args.dataset, args.labeler, out, meteor, args.clean)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"mambaxray-ctl evaluate: error: {exc}", file=sys.stderr)
         return 1
-    print(format_table(metrics, args.dataset, args.predictions.name))
-    if "METEOR" not in metrics:
-        print("METEOR: n/a (needs Java; --meteor on to require it)")
-    if spec == "none":
-        print("clinical scores: omitted (no labeller; pass --labeler package.module:ClassName)")
-    print(
-        f"{metrics['num_studies']} studies, {metrics['num_empty_generated']} with empty generated text, "
-        f"{metrics['num_duplicate_ids']} duplicate ids dropped "
-        f"({metrics['num_conflicting_duplicates']} with different text; the first line was kept)"
-    )
-    print(f"wrote {out}")
+    print_report(metrics, args.predictions.name, out)
     return 0

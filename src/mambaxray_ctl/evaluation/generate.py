@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from mambaxray_ctl.compat import upgrade_model_args
+from mambaxray_ctl.compat import upgrade_stage3_hparams
 from mambaxray_ctl.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -38,6 +38,7 @@ from mambaxray_ctl.data.images import (
 
 if TYPE_CHECKING:
     from mambaxray_ctl.stages.reportgen import ReportGenModule
+    from mambaxray_ctl.text.llm import Decoding
 
 STAGE3_CLASS = "mambaxray_ctl.stages.ReportGenModule"
 STAGE3_PREFIXES = ("backbone.", "mapper.", "text_proj.")  # trainable parts every stage-3 checkpoint holds
@@ -133,8 +134,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
             "checkpoints/*.ckpt of a run, not a backbone export"
         )
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    if "llm" in hparams:  # written before the stage arguments were grouped
-        hparams = upgrade_model_args(hparams, report_generation=True)
+    hparams = upgrade_stage3_hparams(hparams)
     state_keys = list(checkpoint["state_dict"])
     class_path = hparams.get("_class_path")
     if class_path is not None and not _is_stage3_class(str(class_path)):
@@ -226,12 +226,10 @@ def load_study(paths: Sequence[str | Path], transform: EvalTransform) -> tuple[T
     return images, torch.ones(1, len(views), dtype=torch.bool)
 
 
-def generate_report(module: ReportGenModule, images: Tensor, view_mask: Tensor, **overrides: Any) -> str:
-    """The report of one study; ``overrides`` (:class:`~mambaxray_ctl.text.llm.Decoding` fields;
-    ``None`` values ignored) change the decoding."""
-    settings = {key: value for key, value in overrides.items() if value is not None}
+def generate_report(module: ReportGenModule, images: Tensor, view_mask: Tensor, decoding: Decoding) -> str:
+    """The report of one study with ``decoding``."""
     device = next(module.parameters()).device
-    return module.generate(images.to(device), view_mask.to(device), **settings)[0]
+    return module.generate(images.to(device), view_mask.to(device), decoding)[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,11 +244,12 @@ def run(args: argparse.Namespace) -> int:
             "max_new_tokens": args.max_new_tokens,
             "min_new_tokens": args.min_new_tokens,
         }
-        try:
-            decoding = replace(module.decoding, **{k: v for k, v in given.items() if v is not None})
-        except ValueError as exc:
-            raise GenerateError(str(exc)) from exc
-        report = generate_report(module, images, view_mask, **vars(decoding))
+        decoding = replace(module.decoding, **{k: v for k, v in given.items() if v is not None})
+        if decoding.min_new_tokens > decoding.max_new_tokens:
+            raise GenerateError(
+                f"min_new_tokens={decoding.min_new_tokens} exceeds max_new_tokens={decoding.max_new_tokens}"
+            )
+        report = generate_report(module, images, view_mask, decoding)
     except GenerateError as exc:
         print(f"mambaxray-ctl generate: error: {exc}", file=sys.stderr)
         return 1

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mambaxray_ctl.callbacks.embeddings import collect_embeddings
-from mambaxray_ctl.compat import upgrade_model_args
+from mambaxray_ctl.compat import upgrade_stage3_hparams
 from mambaxray_ctl.data.images import IMAGE_SUFFIXES, load_image
 from mambaxray_ctl.evaluation.evaluate import read_prediction_rows
 
@@ -408,6 +408,8 @@ def demo_artefacts(demo_root: str | Path = DEMO_ROOT) -> dict[str, Path]:
 def _ctl_weight(run_dir: Path) -> float | None:
     import yaml
 
+    from mambaxray_ctl.stages.reportgen import CTLFTSpec
+
     hparams = run_dir / "hparams.yaml"
     if not hparams.is_file():
         return None
@@ -415,9 +417,10 @@ def _ctl_weight(run_dir: Path) -> float | None:
         data = yaml.safe_load(hparams.read_text())
     except yaml.YAMLError:
         return None
-    if isinstance(data, dict) and "llm" in data:  # written before the stage arguments were grouped
-        data = upgrade_model_args(data, report_generation=True)
-    value = data.get("ctl_ft", {}).get("weight", 0.4) if isinstance(data, dict) and "lm" in data else None
+    if not isinstance(data, dict):
+        return None
+    data = upgrade_stage3_hparams(data)
+    value = data.get("ctl_ft", {}).get("weight", CTLFTSpec.weight) if "lm" in data else None
     return float(value) if isinstance(value, int | float) else None
 
 

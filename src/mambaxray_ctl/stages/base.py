@@ -9,7 +9,7 @@ on with ``**kwargs``; one whose defaults differ (stage 1's backbone and optimise
 
 Hand-off rule: ``handoff.source`` is loaded in ``setup("fit")`` only, so it never runs for
 ``validate/test/predict`` nor when the stage resumes from its own ``--ckpt_path`` (the CLI marks that
-with :meth:`skip_init_from`; from Python, pass no hand-off when resuming).
+with :meth:`skip_handoff`; from Python, pass no hand-off when resuming).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,7 +32,7 @@ from mambaxray_ctl.backbone.checkpoints import summarize_keys
 from mambaxray_ctl.distributed import all_gather_objects
 from mambaxray_ctl.ops.cuda import require_mamba_ssm
 from mambaxray_ctl.stages.sharding import float32_state_dict
-from mambaxray_ctl.stages.specs import BackboneSpec, HandOff, OptimizerSpec, as_spec, plain
+from mambaxray_ctl.stages.specs import BackboneSpec, HandOff, OptimizerSpec, Spec, as_spec, plain
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,19 @@ class BackboneStage(LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()  # the subclass's arguments too
-        # again, with the specs as plain dicts (YAML, weights_only checkpoints)
-        self.save_hyperparameters({name: plain(value) for name, value in self.hparams.items()})
-        self.backbone_spec = as_spec(BackboneSpec, backbone, self.declared_default("backbone"))
-        self.handoff = as_spec(HandOff, handoff)
-        self.optimizer_spec = as_spec(OptimizerSpec, optimizer, self.declared_default("optimizer"))
+        self.backbone_spec = self.resolve_spec("backbone", BackboneSpec, backbone)
+        self.handoff = self.resolve_spec("handoff", HandOff, handoff)
+        self.optimizer_spec = self.resolve_spec("optimizer", OptimizerSpec, optimizer)
         self.export_backbone = export
         self.init_report: LoadReport | None = None
-        self._skip_init_from = False
+        self._skip_handoff = False
+
+    def resolve_spec(self, name: str, cls: type[Spec], value: Spec | Mapping[str, Any]) -> Spec:
+        """Argument ``name`` as a ``cls`` spec (a partial dict completes the stage's declared default),
+        stored complete, as a plain dict, in the hyper-parameters (``hparams.yaml``, checkpoints)."""
+        spec = as_spec(cls, value, self.declared_default(name))
+        self.save_hyperparameters({**self.hparams, name: plain(spec)})
+        return spec
 
     @classmethod
     def declared_default(cls, name: str) -> Any:
@@ -93,18 +99,18 @@ class BackboneStage(LightningModule):
         weights = view_mask.to(tokens.dtype)[:, :, None, None]
         return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
-    def skip_init_from(self) -> None:
+    def skip_handoff(self) -> None:
         """Mark this run as a resume: ``handoff.source`` is not loaded (the checkpoint has the weights)."""
-        self._skip_init_from = True
+        self._skip_handoff = True
 
     def setup(self, stage: str) -> None:
         if self.backbone.config.ssm_impl == "cuda":
             require_mamba_ssm()  # fail on every rank before any work, saying how to install it
-        if stage == "fit" and self.handoff.source and not self._skip_init_from:
-            self.load_init_from(self.handoff.source)
+        if stage == "fit" and self.handoff.source and not self._skip_handoff:
+            self.load_handoff(self.handoff.source)
         self.seed_rank()
 
-    def load_init_from(self, source: str) -> LoadReport:
+    def load_handoff(self, source: str) -> LoadReport:
         """Load the backbone from a previous stage's export, a Lightning ``.ckpt`` or an official file."""
         prefix = self.handoff.prefix
         if prefix is None and str(source).endswith(".ckpt"):
@@ -153,7 +159,7 @@ class BackboneStage(LightningModule):
             "stage": self.stage_name,
             "global_step": str(self.global_step),
             "epoch": str(self.current_epoch),
-            "init_from": str(self.handoff.source or ""),
+            "init_from": str(self.handoff.source or ""),  # the export format's key (hand-off source)
             "init_sha256": self.init_report.sha256 if self.init_report else "",
         }
         saved, _ = save_backbone(state, self.backbone.config, path, metadata=metadata)

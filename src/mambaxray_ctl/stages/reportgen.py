@@ -14,7 +14,6 @@ from mambaxray_ctl.metrics.clinical import ClinicalEfficacy, label_reports, load
 from mambaxray_ctl.metrics.report import MeteorOption, ReportMetrics, truncate_references
 from mambaxray_ctl.stages.base import BackboneStage
 from mambaxray_ctl.stages.losses import ContrastiveLoss
-from mambaxray_ctl.stages.specs import as_spec
 from mambaxray_ctl.text.llm import Decoding, LMSpec, ReportLM
 
 log = logging.getLogger(__name__)
@@ -106,21 +105,13 @@ class ReportGenModule(BackboneStage):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.lm_spec = as_spec(LMSpec, lm)
-        self.ctl_ft = as_spec(CTLFTSpec, ctl_ft)
-        self.decoding = as_spec(Decoding, decoding)
-        self.evaluation = as_spec(EvaluationSpec, evaluation)
+        self.lm_spec = self.resolve_spec("lm", LMSpec, lm)
+        self.ctl_ft = self.resolve_spec("ctl_ft", CTLFTSpec, ctl_ft)
+        self.decoding = self.resolve_spec("decoding", Decoding, decoding)
+        self.evaluation = self.resolve_spec("evaluation", EvaluationSpec, evaluation)
         self.backbone = self.build_backbone()
         self.backbone.requires_grad_(not freeze_backbone)
-        spec = self.lm_spec
-        self.llm = ReportLM(
-            spec.name,
-            dtype=spec.dtype,
-            prompt=spec.prompt,
-            template=spec.template,
-            max_target_tokens=spec.max_target_tokens,
-            lora=spec.lora,
-        )
+        self.llm = ReportLM.from_spec(self.lm_spec)
         if gradient_checkpointing:  # recompute backbone blocks and LM layers in backward: memory for time
             self.backbone.set_grad_checkpointing(True)
             self.llm.set_gradient_checkpointing(True)
@@ -184,9 +175,17 @@ class ReportGenModule(BackboneStage):
         return nn.functional.normalize(image, dim=-1), nn.functional.normalize(text, dim=-1)
 
     @torch.no_grad()
-    def generate(self, images: Tensor, view_mask: Tensor | None = None, **overrides: Any) -> list[str]:
-        """Reports for a batch of studies with the configured decoding (``overrides``: its fields)."""
-        return self.llm.generate(self.encode_visual(images, view_mask), replace(self.decoding, **overrides))
+    def generate(
+        self,
+        images: Tensor,
+        view_mask: Tensor | None = None,
+        decoding: Decoding | None = None,
+        **overrides: Any,
+    ) -> list[str]:
+        """Reports for a batch of studies with ``decoding`` (default: the configured one), ``overrides``
+        (its fields) applied."""
+        decoding = replace(decoding or self.decoding, **overrides)
+        return self.llm.generate(self.encode_visual(images, view_mask), decoding)
 
     # Steps --------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

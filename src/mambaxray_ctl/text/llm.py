@@ -81,14 +81,6 @@ class Decoding:
     top_p: float | None = None
     no_repeat_ngram_size: int = 0
 
-    def __post_init__(self) -> None:
-        if self.num_beams < 1 or self.max_new_tokens < 1 or self.min_new_tokens < 0:
-            raise ValueError(f"num_beams and max_new_tokens must be >= 1, min_new_tokens >= 0: {self}")
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}"
-            )
-
     def generation_config(self, bos_id: int | None, eos_id: int, pad_id: int) -> GenerationConfig:
         """These settings only: every other option is transformers' global default, never a model's
         shipped generation config (length penalty with beams, temperature/top-p when sampling)."""
@@ -154,10 +146,10 @@ class ReportLM(nn.Module):
     def __init__(
         self,
         name_or_path: str,
-        dtype: str = "float32",
-        prompt: str = DEFAULT_PROMPT,
-        template: str = DEFAULT_TEMPLATE,
-        max_target_tokens: int = 60,
+        dtype: str = LMSpec.dtype,
+        prompt: str = LMSpec.prompt,
+        template: str = LMSpec.template,
+        max_target_tokens: int = LMSpec.max_target_tokens,
         lora: dict[str, Any] | None = None,
         local_files_only: bool | None = None,
     ) -> None:
@@ -196,6 +188,19 @@ class ReportLM(nn.Module):
         self.register_buffer("after_ids", self._token_ids(after), persistent=False)
         bos = [] if self.bos_id is None else [self.bos_id]
         self.register_buffer("bos_ids", torch.tensor(bos, dtype=torch.long), persistent=False)
+
+    @classmethod
+    def from_spec(cls, spec: LMSpec, local_files_only: bool | None = None) -> ReportLM:
+        """The LM an :class:`LMSpec` names, with its prompt, template, target length and LoRA."""
+        return cls(
+            spec.name,
+            dtype=spec.dtype,
+            prompt=spec.prompt,
+            template=spec.template,
+            max_target_tokens=spec.max_target_tokens,
+            lora=spec.lora,
+            local_files_only=local_files_only,
+        )
 
     def _token_ids(self, text: str) -> Tensor:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
