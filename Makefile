@@ -24,12 +24,22 @@ INIT       ?=
 CKPT       ?=
 # PRED=predictions.jsonl to score; default: the newest one under outputs/$(DATA)/stage3/.
 PRED       ?=
+# RECIPE=paper adds configs/RECIPE/DATA/<stage config>.yaml to a step (after the dataset's, before TRAINER's).
+RECIPE     ?=
+# `make paper`: the official ARM pretraining weights stage 2 starts from (the paper does not retrain stage 1),
+# e.g. MambaXray-VL's Pretrain-L.pth; DATA=demo: default the newest demo stage-1 export. PRETRAIN_FORMAT:
+# auto (detected) or a handoff.format (arm-pretrain, mambaxray-vl, vim, backbone).
+PRETRAIN   ?=
+PRETRAIN_FORMAT ?= auto
+# The paper's trainer: 8 GPUs with DDP (configs/trainer/ddp8.yaml), the demo on the CPU; TRAINER=... wins.
+PAPER_TRAINER = $(if $(filter command line environment environment override,$(origin TRAINER)),$(TRAINER),$(if \
+                $(filter demo,$(DATA)),cpu,ddp8))
 PIPELINE    = $(CLI) pipeline
-STEP_OPTS   = --data $(DATA) --trainer $(TRAINER)
+STEP_OPTS   = --data $(DATA) --trainer $(TRAINER) $(if $(RECIPE),--recipe $(RECIPE))
 DEMO_DATA   = $(if $(filter demo,$(DATA)),demo-data)
 
 .PHONY: help setup setup-cuda test test-full lint bench clean demo demo-data stage1 stage2 stage3 \
-        predict evaluate ablation
+        predict evaluate ablation paper
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -90,6 +100,10 @@ stage3: setup $(DEMO_DATA)  ## stage 3 (report generation) from the newest stage
 
 predict: setup $(DEMO_DATA)  ## predictions.jsonl for the test split from CKPT (default: newest stage-3 run, best val/score else last)
 	$(PIPELINE) predict $(STEP_OPTS) $(if $(CKPT),--ckpt $(CKPT)) -- $(ARGS)
+
+paper: setup $(DEMO_DATA)  ## the paper's recipe: stage 2 from PRETRAIN=file -> stage 3 -> predict -> metrics (8 GPUs)
+	$(PIPELINE) paper --data $(DATA) --trainer $(PAPER_TRAINER) $(if $(PRETRAIN),--init $(PRETRAIN)) \
+		--init-format $(PRETRAIN_FORMAT) -- $(ARGS)
 
 ablation: setup  ## Table II rows (stage-1 choice, stage 2 on/off, CTL-FT on/off) on the demo world, CPU
 	$(CLI) ablation

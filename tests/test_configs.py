@@ -42,16 +42,26 @@ CPU_PRESETS = ("cpu", "debug")  # the demo world runs on CPUs, the real datasets
 ABLATION = "ablation"  # rows of Table II and their budget, not `-c` files: read by demo/ablation.py
 
 
+def recipes(root: Path, datasets: Sequence[str]) -> list[str]:
+    """Recipe folders (``configs/<recipe>/<dataset>/``, e.g. ``paper``)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and any((p / d).is_dir() for d in datasets))
+
+
 def combinations(root: Path) -> Iterator[tuple[Path, ...]]:
-    """The ``-c`` files of every (stage, dataset, trainer preset) run tested, in command-line order."""
+    """The ``-c`` files of every (stage, dataset, trainer preset[, recipe]) run tested, in command-line
+    order (a recipe only where it has a file for the stage and dataset)."""
     presets = sorted((root / "trainer").glob("*.yaml"))
+    datasets = sorted((root / "data").glob("*.yaml"))
     for stage in sorted(root.glob("stage*.yaml")):
-        for data in sorted((root / "data").glob("*.yaml")):
+        for data in datasets:
             for trainer in presets:
                 if (data.stem == "demo") != (trainer.stem in CPU_PRESETS):
                     continue
-                pipeline = Pipeline(data=data.stem, trainer=trainer.stem, configs=root)
-                yield tuple(pipeline.config_files(Stage(stage.stem, stage.stem)))
+                for recipe in [None, *recipes(root, [d.stem for d in datasets])]:
+                    if recipe is not None and not (root / recipe / data.stem / stage.name).is_file():
+                        continue
+                    pipeline = Pipeline(data=data.stem, trainer=trainer.stem, configs=root, recipe=recipe)
+                    yield tuple(pipeline.config_files(Stage(stage.stem, stage.stem)))
 
 
 def ablation_files(root: Path) -> list[Path]:
@@ -84,8 +94,9 @@ ABLATION_RUNS = ablation_runs(CONFIGS)
 
 
 def _id(files: tuple[Path, ...]) -> str:
-    data, stage, *_, trainer = files
-    return f"{stage.stem}-{data.stem}-{trainer.stem}"
+    data, stage, *middle, trainer = files
+    recipe = [f"-{p.parent.parent.name}" for p in middle if p.parent.parent != data.parent.parent]
+    return f"{stage.stem}-{data.stem}-{trainer.stem}{''.join(recipe)}"
 
 
 def merge(files: Sequence[Path], overrides: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def test_metrics_json_equals_score_reports(tmp_path: Path, capsys: pytest.Captur
     out = capsys.readouterr().out
     assert "ours (predictions.jsonl)" in out
     assert f"{expected['BLEU_4']:.3f}" in out
-    assert "paper rows: not available" in out
+    assert "MambaXray-CTL-Large" in out  # the paper's Table I rows, beside ours
     assert "clinical scores: omitted" in out
     assert "METEOR: n/a" in out
 
@@ -173,3 +173,21 @@ def test_table_without_optional_columns() -> None:
     header, row = table.splitlines()
     assert "METEOR" in header and "CE-F1" not in header
     assert row.startswith("ours (x.jsonl)") and "0.500" in row and "n/a" in row
+
+
+def test_reference_source_and_checkpoint_are_carried_into_the_metrics(tmp_path: Path) -> None:
+    rows = [
+        {"id": "a", "generated": "no effusion .", "reference": "no effusion ."},
+        {"id": "b", "generated": "heart is large .", "reference": "heart ."},
+    ]
+    rows = [{**row, "reference_source": "truncated"} for row in rows]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps({**row, "checkpoint": "best.ckpt"}) + "\n" for row in rows))
+    metrics = evaluate.evaluate_predictions(path, "iu_xray", meteor=False)
+    assert metrics["reference_source"] == "truncated" and metrics["checkpoint"] == "best.ckpt"
+    rows[1]["reference_source"] = "cleaned"  # rows of two runs merged into one file
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"predictions.jsonl: its rows record different 'reference_source'"):
+        evaluate.evaluate_predictions(path, "iu_xray", meteor=False)
+    path.write_text(json.dumps({"id": "a", "generated": "x .", "reference": "x ."}) + "\n")  # older files
+    assert evaluate.evaluate_predictions(path, "iu_xray", meteor=False)["reference_source"] == "cleaned"

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mambaxray_ctl.ops import cpu_fused, cuda
@@ -180,6 +181,42 @@ def test_matches_float64_reference(
     assert got[0].dtype == dtype and got[1].dtype == dtype
     assert all(g.dtype == dtype for g in got[2].values())
     assert_matches(got, run("reference", to64(inputs), options["softplus"]), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param(ALL, id="all"),
+        pytest.param(BARE, id="bare"),
+        pytest.param({**BARE, "with_D": True}, id="D-only"),
+        pytest.param({**BARE, "with_z": True, "softplus": True}, id="z-softplus"),
+        pytest.param({**ALL, "softplus": False}, id="bias-no-softplus"),
+    ],
+)
+def test_reference_matches_a_naive_per_step_loop(options: dict[str, bool], reverse: bool) -> None:
+    """The float64 reference (the specification the other implementations are tested against) against
+    the recurrence written out one time step at a time, walking L forwards or backwards:
+    h = exp(dt·A)·h + dt·B_t·u_t, y_t = <C_t, h> + D·u_t, out_t = y_t·silu(z_t), with
+    dt = delta_t + bias (softplus-ed or not); output and last state."""
+    x = make_inputs(2, 5, 13, 4, **options)
+    u, delta, A, B, C, D, z, bias = (x[name] for name in NAMES)
+    h = u.new_zeros(2, 5, 4)
+    want = torch.empty_like(u)
+    for t in reversed(range(13)) if reverse else range(13):
+        dt = delta[:, :, t] + (0 if bias is None else bias)
+        dt = F.softplus(dt) if options["softplus"] else dt
+        h = torch.exp(dt[..., None] * A) * h + dt[..., None] * B[:, None, :, t] * u[:, :, t, None]
+        y = (h * C[:, None, :, t]).sum(-1) + (0 if D is None else D * u[:, :, t])
+        want[:, :, t] = y if z is None else y * F.silu(z[:, :, t])
+    out, last = selective_scan(
+        **x, delta_softplus=options["softplus"], return_last_state=True, impl="reference", reverse=reverse
+    )
+    torch.testing.assert_close(out, want, **TOLERANCE[torch.float64])
+    torch.testing.assert_close(last, h, **TOLERANCE[torch.float64])
+    if not reverse:  # the dispatcher adds nothing to the reference function itself
+        plain = selective_scan_reference(**x, delta_softplus=options["softplus"])
+        torch.testing.assert_close(plain, want, **TOLERANCE[torch.float64])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

@@ -350,27 +350,30 @@ def test_pipeline_evaluate_reports_a_bad_predictions_file(
 
 
 # Ablation rows --------------------------------------------------------------------------------------------
-def test_the_six_ablation_rows_parse_into_their_stages() -> None:
+def test_the_seven_ablation_rows_parse_into_their_stages() -> None:
     paths = sorted((CONFIGS / "ablation").glob("[0-9]*.yaml"))
     rows = {path.stem: ablation.read_row(path) for path in paths}
     configs = {name: [stage.config for stage in row.stages] for name, row in rows.items()}
     assert configs == {
-        "01_full": ["stage1_arm", "stage2_contrastive", "stage3_reportgen"],
-        "02_no_pretraining": ["stage2_contrastive", "stage3_reportgen"],
-        "03_mae": ["stage1_mae", "stage2_contrastive", "stage3_reportgen"],
-        "04_simclr": ["stage1_simclr", "stage2_contrastive", "stage3_reportgen"],
-        "05_no_stage2": ["stage1_arm", "stage3_reportgen"],
-        "06_no_ctl": ["stage1_arm", "stage2_contrastive", "stage3_reportgen"],
+        "1_simclr_ctl_ctlft": ["stage1_simclr", "stage2_contrastive", "stage3_reportgen"],
+        "2_mae_ctl_ctlft": ["stage1_mae", "stage2_contrastive", "stage3_reportgen"],
+        "3_arm_ctl_ctlft": ["stage1_arm", "stage2_contrastive", "stage3_reportgen"],
+        "4_arm_ctlft": ["stage1_arm", "stage3_reportgen"],
+        "5_ctlft": ["stage3_reportgen"],
+        "6_arm_ctl": ["stage1_arm", "stage2_contrastive", "stage3_reportgen"],
+        "7_arm": ["stage1_arm", "stage3_reportgen"],
     }
+    assert [row.paper_row for row in rows.values()] == [1, 2, 3, 4, 5, 6, 7]
     budget = ablation.read_budget(CONFIGS / "ablation" / "budget.yaml")
     assert budget == {
         "stage2": {"trainer": {"max_epochs": 1}},
         "stage3": {"trainer": {"max_epochs": 3, "limit_val_batches": 0}},
     }
-    full = ablation.row_overrides(rows["01_full"], budget)
+    full = ablation.row_overrides(rows["3_arm_ctl_ctlft"], budget)
     assert full == {"stage1": [], "stage2": [budget["stage2"]], "stage3": [budget["stage3"]]}
-    no_ctl = ablation.row_overrides(rows["06_no_ctl"], budget)
-    assert no_ctl["stage3"] == [budget["stage3"], ablation.CTL_FT_OFF]
+    for name in ("6_arm_ctl", "7_arm"):
+        assert ablation.row_overrides(rows[name], budget)["stage3"] == [budget["stage3"], ablation.CTL_FT_OFF]
+    assert ablation.row_overrides(rows["5_ctlft"], budget) == {"stage3": [budget["stage3"]]}
 
 
 @pytest.mark.parametrize(
@@ -381,6 +384,10 @@ def test_the_six_ablation_rows_parse_into_their_stages() -> None:
         ("name: x\nstage2: 'no'", "stage2 must be true or false"),
         ("name: x\nctl_ft: 0", "ctl_ft must be true or false"),
         ("name: x\nstages: [stage1_arm]", r"unknown key\(s\) \['stages'\]"),
+        ("name: x\npaper_row: '3'", "paper_row must be a row number"),
+        ("name: x\npaper_row: 8", "Table II has no row 8"),
+        ("name: x\npaper_row: 4", r"not the paper's Table II row #4 .*stage2: true here, false in the paper"),
+        ("name: x\npaper_row: 5\nstage2: false", "stage1: arm here, none in the paper"),
         ("name: x\noverrides: {stage4: {trainer: {max_epochs: 1}}}", "unknown stage 'stage4'"),
         ("name: x\noverrides: {stage3: ['--trainer.max_epochs=1']}", "must be a nested config dict"),
         ("- name: x", "a row is a mapping"),

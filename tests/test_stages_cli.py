@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from mambaxray_ctl.backbone import CheckpointError
+from mambaxray_ctl.evaluation.evaluate import evaluate_predictions
 from mambaxray_ctl.lightning_cli import MambaXrayCLI
+from mambaxray_ctl.metrics.report import truncate_references
 from mambaxray_ctl.ops.cuda import mamba_ssm_problem
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -137,6 +139,27 @@ def test_chain_stage1_to_stage3_with_hand_off_and_predict(
     assert {row["id"] for row in rows} == test_ids
     assert all(row["dataset"] == "demo" and row["checkpoint"] == ckpt for row in rows)
     assert rows[0]["decoding"]["num_beams"] == 2
+    assert all(row["reference_source"] == "cleaned" for row in rows)
+
+    # the official code's truncated references, in predict as in validate/test, recorded end to end
+    truncated = run_cli(
+        cli_args(
+            world, tmp_path, "stage3", "predict", f"--ckpt_path={ckpt}",
+            "--model.init_args.evaluation.reference_source=truncated",
+        ),
+        monkeypatch,
+    )
+    short = {}
+    for line in (Path(truncated.trainer.log_dir) / "predictions.jsonl").open():
+        row = json.loads(line)
+        short[row["id"]] = row["reference"]
+        assert row["reference_source"] == "truncated"
+    full = {row["id"]: row["reference"] for row in rows}
+    model = truncated.model
+    expected = truncate_references(full, model.llm.tokenizer, model.lm_spec.max_target_tokens)
+    assert short == expected and short != full
+    metrics = evaluate_predictions(Path(truncated.trainer.log_dir) / "predictions.jsonl", "demo")
+    assert metrics["reference_source"] == "truncated" and metrics["checkpoint"] == ckpt
 
 
 def test_resumed_stage_ends_with_the_weights_of_an_uninterrupted_run(

@@ -20,7 +20,7 @@ from mambaxray_ctl.logs import configure_logging
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": (
         "mambaxray_ctl.pipeline",
-        "run one step of the training pipeline (stage1|stage2|stage3|predict|evaluate), as `make` does",
+        "run a step of the training pipeline (stage1|stage2|stage3|predict|evaluate|paper), as `make` does",
     ),
     "convert-checkpoint": (
         "mambaxray_ctl.backbone.convert_command",

@@ -7,8 +7,11 @@ Used by ``make stage1|stage2|stage3|predict|evaluate`` (through ``mambaxray-ctl 
   stage 2 (``configs/stage2_contrastive.yaml``), stage 3 (``configs/stage3_reportgen.yaml``). Each
   writes its runs to ``<run root>/<stage>/version_*/`` (run root: ``outputs/<data>``).
 - **Config composition** (:meth:`Pipeline.config_files`): ``configs/data/<data>.yaml``,
-  ``configs/<stage config>.yaml``, ``configs/<data>/<stage config>.yaml`` when present, then
-  ``configs/trainer/<trainer>.yaml`` (trainer preset: ``cpu`` for the demo data, ``gpu`` otherwise).
+  ``configs/<stage config>.yaml``, ``configs/<data>/<stage config>.yaml`` when present, the recipe's
+  ``configs/<recipe>/<data>/<stage config>.yaml`` when a recipe is chosen and has that file (e.g.
+  ``configs/paper/iu_xray/stage2_contrastive.yaml``: it wins over the dataset overlay), then
+  ``configs/trainer/<trainer>.yaml`` (trainer preset: ``cpu`` for the demo data, ``gpu`` otherwise; it
+  comes last so that it sets the devices and strategy the recipe runs on).
   The run root and the run name (:attr:`Stage.name`) are set as arguments, so that the configs' logger
   ``save_dir`` / ``name`` (what a plain ``mambaxray-ctl fit -c ...`` uses) cannot send a step elsewhere.
   Overrides are nested config dicts (``{"trainer": {"max_epochs": 1}}``) applied after these files;
@@ -19,6 +22,9 @@ Used by ``make stage1|stage2|stage3|predict|evaluate`` (through ``mambaxray-ctl 
 - **Which checkpoint to predict from** (:func:`choose_checkpoint`): the best checkpoint by
   ``val/score`` that stage 3's ``ModelCheckpoint`` keeps when validation ran, else ``last.ckpt``;
   a log line says which one and why.
+- **The paper** (:func:`run_paper`, ``make paper``): stage 2 with the ``paper`` recipe from a given
+  pretraining file (the paper does not retrain stage 1) → stage 3 from that stage-2 run's export →
+  predict with its best checkpoint → evaluate; returns the metrics.
 - **Predict** (:func:`predict`) writes ``predictions.jsonl`` for the test split into a new stage-3 run
   directory; **evaluate** (:func:`evaluate`) scores it with the paper's protocol, as ``mambaxray-ctl
   evaluate`` does (:func:`mambaxray_ctl.evaluation.evaluate.evaluate_file`).
@@ -34,7 +40,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +59,10 @@ LAST_CHECKPOINT = "last.ckpt"
 # ``init`` of :func:`resolve_handoff` / :func:`fit_stage`: the newest export of the previous stage.
 NEWEST = "newest"
 DEMO_DATA = "demo"
+# The paper's recipe (configs/paper/<data>/) and the trainer preset it runs on by default: 8 GPUs with DDP
+# (configs/trainer/ddp8.yaml), the demo data on the CPU.
+PAPER_RECIPE = "paper"
+PAPER_TRAINER = "ddp8"
 
 STAGE1_METHODS: dict[str, str] = {"arm": "stage1_arm", "mae": "stage1_mae", "simclr": "stage1_simclr"}
 
@@ -122,6 +132,8 @@ class Pipeline:
         configs: the config folder.
         out: the run root (each stage in ``<out>/<stage>/version_*/``); ``None``: ``outputs/<data>``.
         overrides: nested config dicts applied to every stage and to predict (e.g. another data folder).
+        recipe: a recipe folder, ``configs/<recipe>/`` (e.g. ``paper``): its ``<data>/<stage config>.yaml``
+            is added after the dataset overlay and before the trainer preset; ``None``: none.
     """
 
     data: str = DEMO_DATA
@@ -129,6 +141,7 @@ class Pipeline:
     configs: Path = Path("configs")
     out: Path | None = None
     overrides: tuple[Overrides, ...] = ()
+    recipe: str | None = None
 
     @property
     def trainer_preset(self) -> str:
@@ -150,6 +163,16 @@ class Pipeline:
         specific = configs / self.data / f"{stage.config}.yaml"
         if specific.is_file():
             files.append(specific)
+        if self.recipe is not None:
+            recipe = configs / self.recipe / self.data
+            if not recipe.is_dir():
+                known = sorted(p.name for p in (configs / self.recipe).glob("*/") if p.is_dir())
+                raise PipelineError(
+                    f"recipe {self.recipe!r} has no settings for the dataset {self.data!r}: no {recipe}/; "
+                    f"known: {', '.join(known) or 'none'}"
+                )
+            if (recipe / f"{stage.config}.yaml").is_file():
+                files.append(recipe / f"{stage.config}.yaml")
         trainer = configs / "trainer" / f"{self.trainer_preset}.yaml"
         files.append(_required(trainer, "trainer preset", configs / "trainer"))
         return files
@@ -460,6 +483,93 @@ def evaluate(
     return evaluate_file(predictions, data, labeler=labeler, out=out)
 
 
+# The paper ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PaperRun:
+    """What :func:`run_paper` did: the two stage runs, the checkpoint predicted from, the predictions and
+    their metrics (``None`` on DDP ranks other than 0, which do not score)."""
+
+    stage2: StageRun
+    stage3: StageRun
+    checkpoint: CheckpointChoice
+    predictions: Path
+    metrics: dict[str, Any] | None
+
+
+def paper_pretraining(pipeline: Pipeline, init: str | Path | None = None) -> Path:
+    """The file the paper's stage 2 starts from: ``init``; else, for the demo data only (or with ``init``
+    :data:`NEWEST`), the newest stage-1 export. The paper does not retrain stage 1: on real data the
+    official ARM pretraining weights are passed (MambaXray-VL's ``Pretrain-L.pth``)."""
+    if init is not None and str(init) != NEWEST:
+        path = Path(init)
+        if not path.is_file():
+            raise PipelineError(f"paper: the pretraining file {path} (PRETRAIN, --init) does not exist")
+        return path
+    data = pipeline.data
+    if init is None and data != DEMO_DATA:
+        raise PipelineError(
+            f"paper: no pretraining file: pass PRETRAIN=path/to/official_pretrain.pth (--init PATH), e.g. "
+            "MambaXray-VL's Pretrain-L.pth; the paper starts stage 2 from those ARM pretraining weights and "
+            f"does not retrain stage 1 (or run `make stage1 DATA={data}` and pass PRETRAIN=newest)"
+        )
+    export = newest_export(pipeline, "stage1")
+    if export is None:
+        raise PipelineError(
+            f"paper: no stage-1 export under {pipeline.stage_dir('stage1')}/*/{EXPORT_NAME}: run make "
+            f"stage1 DATA={data} first or pass PRETRAIN=path (--init PATH)"
+        )
+    log.info("paper: stage 2 from the newest stage-1 export %s", export)
+    return export
+
+
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def run_paper(
+    pipeline: Pipeline,
+    init: str | Path | None = None,
+    init_format: str = "auto",
+    overrides: Mapping[str, Sequence[Overrides]] | None = None,
+    args: Mapping[str, Sequence[str]] | None = None,
+    labeler: str | None = "auto",
+) -> PaperRun:
+    """The paper's method with its recipe (``pipeline.recipe``, default :data:`PAPER_RECIPE`): stage 2
+    from the pretraining file (:func:`paper_pretraining`; ``init_format``: ``auto`` detects it, or one of
+    ``handoff.format``'s, e.g. ``arm-pretrain``) → stage 3 from that stage-2 run's export → predict with
+    the stage-3 run's checkpoint (:func:`choose_checkpoint`: the best ``val/score``) → evaluate
+    (:func:`evaluate`, written beside the predictions).
+
+    ``overrides`` / ``args`` map a step (``stage2``, ``stage3``, ``predict``) to its overrides / extra CLI
+    arguments. Under DDP every rank runs this (Lightning starts the other ranks with the same command);
+    only rank 0 scores.
+    """
+    from mambaxray_ctl.evaluation.evaluate import metrics_path
+
+    if pipeline.recipe is None:
+        pipeline = replace(pipeline, recipe=PAPER_RECIPE)
+    overrides, args = overrides or {}, args or {}
+    for stage in (STAGE2, STAGE3):  # a missing config is reported before anything trains
+        pipeline.config_files(stage)
+    pretraining = paper_pretraining(pipeline, init)
+    given_format = [] if init_format == "auto" else [nested("model.init_args.handoff.format", init_format)]
+    log.info("paper: stage 2 from %s (format %s), recipe %s", pretraining, init_format, pipeline.recipe)
+    stage2 = fit_stage(
+        pipeline, STAGE2, pretraining, [*given_format, *overrides.get("stage2", ())], args.get("stage2", ())
+    )
+    if stage2.export is None:
+        raise PipelineError(f"paper: the stage-2 run {stage2.run_dir} exported no backbone")
+    stage3 = fit_stage(pipeline, STAGE3, stage2.export, overrides.get("stage3", ()), args.get("stage3", ()))
+    choice = choose_checkpoint(stage3)
+    predictions = predict(pipeline, choice, overrides.get("predict", ()), args.get("predict", ()))
+    metrics = None
+    if _is_rank_zero():
+        metrics = evaluate(predictions, pipeline.data, labeler=labeler, out=metrics_path(predictions))
+    return PaperRun(stage2, stage3, choice, predictions, metrics)
+
+
 # ``mambaxray-ctl pipeline`` ------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
@@ -474,6 +584,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "predict": "predictions.jsonl for the test split (default checkpoint: the newest stage-3 run's "
         "best by val/score when validation ran, else its last.ckpt)",
         "evaluate": "score a predictions.jsonl (default: the newest one of the stage-3 runs)",
+        "paper": "the paper's recipe (configs/paper/DATA/): stage 2 from a pretraining file (--init PATH; "
+        "the demo data: the newest stage-1 export) -> stage 3 from that run -> predict -> evaluate",
     }
     for name, help_ in helps.items():
         step = steps.add_parser(name, help=help_, description=help_)
@@ -485,11 +597,33 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         step.add_argument(
             "--trainer",
             default=None,
-            help="trainer preset: configs/trainer/TRAINER.yaml (default: cpu "
-            "for the demo data, gpu otherwise)",
+            help="trainer preset: configs/trainer/TRAINER.yaml (default: cpu for the demo data, "
+            + (f"{PAPER_TRAINER} otherwise: 8 GPUs)" if name == "paper" else "gpu otherwise)"),
         )
         step.add_argument("--configs", type=Path, default=Path("configs"), help="config folder")
         step.add_argument("--out", type=Path, default=None, help="run root (default: outputs/DATA)")
+        step.add_argument(
+            "--recipe",
+            default=PAPER_RECIPE if name == "paper" else None,
+            help="recipe: adds configs/RECIPE/DATA/<stage config>.yaml where present, before the trainer "
+            f"preset (default: {PAPER_RECIPE if name == 'paper' else 'none'})",
+        )
+        if name == "paper":
+            step.add_argument(
+                "--init",
+                default=None,
+                help="the pretraining file stage 2 starts from (the official ARM weights, e.g. "
+                "Pretrain-L.pth), or newest (the newest stage-1 export; the default for the demo data)",
+            )
+            step.add_argument(
+                "--init-format",
+                default="auto",
+                help="its format: auto (detected), arm-pretrain, mambaxray-vl, vim or backbone",
+            )
+            step.add_argument(
+                "args", nargs="*", metavar="-- ARGS", help="extra LightningCLI arguments (each step)"
+            )
+            continue
         if name == "stage1":
             step.add_argument("--method", choices=sorted(STAGE1_METHODS), default="arm", help="default: arm")
         if name == "predict":
@@ -522,12 +656,31 @@ def _run_step(args: argparse.Namespace) -> int:
                 f"predict DATA={args.data}` first, or pass PRED=path (--predictions PATH)"
             )
         return _evaluate_step(Path(predictions), args.data)
-    pipeline = Pipeline(data=args.data, trainer=args.trainer, configs=args.configs, out=args.out)
+    if args.step == "paper":
+        return _paper_step(args)
+    pipeline = Pipeline(
+        data=args.data, trainer=args.trainer, configs=args.configs, out=args.out, recipe=args.recipe
+    )
     # no prints here: under DDP every rank runs this command (the log lines are rank 0's)
     if args.step == "predict":
         log.info("predictions: %s", predict(pipeline, args.ckpt, args=args.args))
         return 0
     fit_stage(pipeline, get_stage(args.step, getattr(args, "method", "arm")), args.init, args=args.args)
+    return 0
+
+
+def _paper_step(args: argparse.Namespace) -> int:
+    """``mambaxray-ctl pipeline paper``: :func:`run_paper`; rank 0 prints the metrics table."""
+    from mambaxray_ctl.evaluation.evaluate import metrics_path, print_report
+
+    trainer = args.trainer or ("cpu" if args.data == DEMO_DATA else PAPER_TRAINER)
+    pipeline = Pipeline(
+        data=args.data, trainer=trainer, configs=args.configs, out=args.out, recipe=args.recipe
+    )
+    steps = {step: args.args for step in ("stage2", "stage3", "predict")}
+    done = run_paper(pipeline, args.init, args.init_format, args=steps)
+    if done.metrics is not None:
+        print_report(done.metrics, done.predictions.name, metrics_path(done.predictions))
     return 0
 
 

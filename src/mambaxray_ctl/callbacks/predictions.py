@@ -20,7 +20,8 @@ PREDICTIONS_NAME = "predictions.jsonl"
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes ``{id, generated, reference, dataset, checkpoint, decoding}`` per study, one JSON per line.
+    """Writes ``{id, generated, reference, dataset, checkpoint, decoding, reference_source}`` per study,
+    one JSON per line.
 
     Ids travel inside the batches (``predict_step`` returns them), so DistributedSampler's padding
     duplicates are removed by id, keeping the first. ``output`` defaults to
@@ -51,10 +52,12 @@ class PredictionWriter(BasePredictionWriter):
             unique.setdefault(row["id"], row)
         datamodule = trainer.datamodule
         decoding = getattr(pl_module, "decoding", None)
+        evaluation = getattr(pl_module, "evaluation", None)
         common = {
             "dataset": getattr(datamodule, "dataset_name", type(datamodule).__name__),
             "checkpoint": str(trainer.ckpt_path or ""),
             "decoding": asdict(decoding) if is_dataclass(decoding) else {},
+            "reference_source": getattr(evaluation, "reference_source", "cleaned"),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as f:

@@ -75,6 +75,18 @@ def per_device_batch_size(global_size: int, name: str, world: int) -> int:
     return global_size // world
 
 
+def micro_batches(global_size: int, micro: int, world: int) -> int:
+    """How many micro-batches of ``micro`` per rank make the GLOBAL batch on ``world`` ranks (the
+    gradient accumulation); ``ValueError`` if that is not whole."""
+    if micro < 1 or global_size < 1 or global_size % (micro * world):
+        raise ValueError(
+            f"batch_size={global_size} (GLOBAL) is not a positive multiple of micro_batch_size x world size "
+            f"= {micro} x {world}: accumulate_grad_batches = batch_size / (micro_batch_size x world size) "
+            "must be whole"
+        )
+    return global_size // (micro * world)
+
+
 class ReportDataModule(LightningDataModule):
     """R2Gen-format annotation + image folder → batches of multi-view studies (or single images).
 
@@ -88,6 +100,10 @@ class ReportDataModule(LightningDataModule):
     :param mean: normalisation mean per channel (default ImageNet 0.485, 0.456, 0.406).
     :param std: normalisation std per channel (default ImageNet 0.229, 0.224, 0.225).
     :param batch_size: GLOBAL training batch size, split evenly across ranks.
+    :param micro_batch_size: per-device training batch; the GLOBAL ``batch_size`` is then reached by
+        gradient accumulation, ``accumulate_grad_batches = batch_size / (micro_batch_size x world size)``,
+        set on the trainer at setup (an error says what fits when it is not whole). ``None``: no
+        accumulation, each rank takes ``batch_size / world size``.
     :param eval_batch_size: GLOBAL batch size for val/test/predict (default: ``batch_size``).
     :param num_workers: DataLoader worker processes.
     :param pin_memory: pin host memory for faster copies to the GPU.
@@ -122,6 +138,7 @@ class ReportDataModule(LightningDataModule):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         batch_size: int = 8,
+        micro_batch_size: int | None = None,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -281,12 +298,34 @@ class ReportDataModule(LightningDataModule):
             self._datasets[split] = ImageDataset(self._image_items((split,)), evaluate, hp.on_invalid)
         log.info("stage-1 images: train %d (from %s)", len(train_items), ", ".join(train_splits))
 
+    def _train_batch_per_device(self, world: int) -> int:
+        """The per-device training batch; with ``micro_batch_size``, also the trainer's gradient
+        accumulation that makes the global ``batch_size``."""
+        hp = self.hparams
+        if hp.micro_batch_size is None:
+            return per_device_batch_size(hp.batch_size, "batch_size", world)
+        accumulate = micro_batches(hp.batch_size, hp.micro_batch_size, world)
+        trainer = self.trainer
+        if trainer is not None:
+            if trainer.accumulate_grad_batches not in (1, accumulate):
+                raise ValueError(
+                    f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} disagrees with "
+                    f"data.micro_batch_size={hp.micro_batch_size} (batch_size {hp.batch_size} on {world} "
+                    f"rank(s) needs {accumulate}): set one of the two"
+                )
+            trainer.accumulate_grad_batches = accumulate
+        log.info(
+            "batch_size %d = %d per device x %d rank(s) x %d accumulated micro-batch(es)",
+            hp.batch_size, hp.micro_batch_size, world, accumulate,
+        )
+        return hp.micro_batch_size
+
     def setup(self, stage: str | None = None) -> None:
         """Validate and load once (idempotent); check the splits ``stage`` needs; split batch sizes."""
         hp = self.hparams
         self._skipped_file = self._resolve_skipped_path()
         world, _ = self._world()
-        self.batch_size_per_device = per_device_batch_size(hp.batch_size, "batch_size", world)
+        self.batch_size_per_device = self._train_batch_per_device(world)
         self.eval_batch_size_per_device = per_device_batch_size(
             hp.eval_batch_size or hp.batch_size, "eval_batch_size", world
         )

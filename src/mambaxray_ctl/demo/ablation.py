@@ -1,20 +1,30 @@
 """``mambaxray-ctl ablation`` (``make ablation``): the rows of the paper's Table II on the demo world.
 
-Each row file in ``configs/ablation/`` says which stages the row trains and how (:class:`Row`)::
+The paper's Table II (IU X-ray, Large model) has seven rows, each file in ``configs/ablation/`` one of
+them, named by its index (``1_simclr_ctl_ctlft.yaml`` ... ``7_arm.yaml``). A row says which stages it
+trains and how (:class:`Row`)::
 
-    name: ARM + stage 2 + no CTL-FT
+    paper_row: 6       # its number in the paper's Table II (optional for a row of your own)
+    name: ARM + CTL (no CTL-FT)
     stage1: arm        # arm | mae | simclr | none
-    stage2: true       # the contrastive stage on or off
+    stage2: true       # stage 2, the image-report contrastive stage (the paper's "CTL"), on or off
     ctl_ft: false      # CTL-FT in stage 3 on or off (off: its weight is 0)
     overrides:         # optional, per stage (stage1 | stage2 | stage3): nested config dicts
       stage3: {trainer: {max_epochs: 5}}
+
+A row with ``paper_row: N`` must train what the paper's row #N trained (stage 1, stage 2, CTL-FT;
+:data:`mambaxray_ctl.evaluation.paper.TABLE_II`), else reading it fails. Every row ends with stage 3
+(the paper's SFT).
 
 ``budget.yaml`` there (``<configs>/ablation/budget.yaml`` unless ``--budget`` names another;
 ``overrides:`` as above) shortens the training of every row. Each row runs the same
 :mod:`mambaxray_ctl.pipeline` steps as ``mambaxray-ctl demo`` into ``<out>/<row>/``; with
 validation skipped in stage 3 (the budget), predict takes its ``last.ckpt`` by the pipeline's
-checkpoint rule. Each row is scored with the paper's metrics and the demo labeller. The table is
-printed and written to ``<out>/ablation.json`` and ``<out>/ablation.md``.
+checkpoint rule. Each row is scored with the paper's metrics and the demo labeller. The table
+(:func:`markdown_table`) puts beside our numbers the paper's Table II numbers of the same row and metric;
+ours come from the demo world with a small budget, so only the ordering of the rows compares with the
+paper's, not the values. It is printed and written to ``<out>/ablation.md`` and ``<out>/ablation.json``
+(:func:`ablation_json`).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from typing import Any
 import yaml
 
 from mambaxray_ctl.demo.run import demo_pipeline, prepare_demo_data, run_pipeline
+from mambaxray_ctl.evaluation import paper
 from mambaxray_ctl.pipeline import (
     STAGE1_METHODS,
     STAGE2,
@@ -42,9 +53,24 @@ from mambaxray_ctl.pipeline import (
     stage1,
 )
 
-COLUMNS = (("BLEU_4", "BLEU-4"), ("ROUGE_L", "ROUGE-L"), ("CIDEr", "CIDEr"), ("CE_F1_macro", "CE-F1"))
+# The table's metrics: the paper's Table II ones (ours / the paper's), then ours only (demo labeller).
+PAPER_COLUMNS = tuple((key, paper.TITLES[key]) for key in paper.TABLE_II_METRICS)
+OUR_COLUMNS = (("CE_F1_macro", "CE-F1"),)
+COLUMNS = (*PAPER_COLUMNS, *OUR_COLUMNS)
 STAGE_NAMES = ("stage1", "stage2", "stage3")
-ROW_KEYS = {"name", "stage1", "stage2", "ctl_ft", "overrides"}
+ROW_KEYS = {"paper_row", "name", "stage1", "stage2", "ctl_ft", "overrides"}
+# Above the table (ablation.md, the printed table) and in ablation.json: what the two sets of numbers are.
+TABLE_NOTE = "\n".join(
+    (
+        "Table II: ours beside the paper's, row by row.",
+        "Ours: the demo world (synthetic), a small training budget (the ablation budget,",
+        "configs/ablation/budget.yaml by default), its test split. The paper's: the MambaXray-CTL paper's",
+        f"Table II ({paper.TABLE_II_SETTING}).",
+        "Only the ordering of the rows is comparable, not the values.",
+        "Cells: ours / paper ('-': no number from the paper); CE-F1: ours only (demo labeller, macro).",
+        "Every row ends with stage 3 (the paper's SFT); CTL = stage 2, image-report contrastive.",
+    )
+)
 # Stage 3's override that turns CTL-FT off (the row's ``ctl_ft: false``).
 CTL_FT_OFF: Overrides = {"model": {"init_args": {"ctl_ft": {"weight": 0}}}}
 
@@ -67,6 +93,7 @@ class Row:
 
     Args:
         name: its label in the table.
+        paper_row: its number in the paper's Table II (``None``: a row of your own, no paper numbers).
         stage1: the stage-1 method (``arm``, ``mae``, ``simclr``) or ``None`` (no stage 1).
         stage2: whether the contrastive stage 2 runs.
         ctl_ft: whether stage 3 trains with CTL-FT (off: :data:`CTL_FT_OFF`).
@@ -74,6 +101,7 @@ class Row:
     """
 
     name: str
+    paper_row: int | None = None
     stage1: str | None = "arm"
     stage2: bool = True
     ctl_ft: bool = True
@@ -124,13 +152,48 @@ def read_row(path: Path) -> Row:
     for key in ("stage2", "ctl_ft"):
         if not isinstance(raw.get(key, True), bool):
             raise ValueError(f"{path}: {key} must be true or false, got {raw[key]!r}")
-    return Row(
+    index = raw.get("paper_row")
+    if index is not None and (not isinstance(index, int) or isinstance(index, bool)):
+        raise ValueError(f"{path}: paper_row must be a row number of the paper's Table II, got {index!r}")
+    row = Row(
         name=raw["name"],
+        paper_row=raw.get("paper_row"),
         stage1=None if method in ("none", None) else method,
         stage2=raw.get("stage2", True),
         ctl_ft=raw.get("ctl_ft", True),
         overrides=read_overrides(raw.get("overrides"), str(path)),
     )
+    check_paper_row(row, str(path))
+    return row
+
+
+def check_paper_row(row: Row, where: str) -> None:
+    """A row with ``paper_row: N`` trains what the paper's Table II row #N trained; else a
+    :class:`ValueError` naming the difference."""
+    if row.paper_row is None:
+        return
+    try:
+        theirs = paper.table_ii_row(row.paper_row)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    differences = [
+        f"{key}: {_switch(ours)} here, {_switch(want)} in the paper"
+        for key, ours, want in (
+            ("stage1", row.stage1, theirs.stage1),
+            ("stage2", row.stage2, theirs.stage2),
+            ("ctl_ft", row.ctl_ft, theirs.ctl_ft),
+        )
+        if ours != want
+    ]
+    if differences:
+        raise ValueError(
+            f"{where}: not the paper's Table II row #{theirs.index} ({theirs.name}): {'; '.join(differences)}"
+        )
+
+
+def _switch(value: str | bool | None) -> str:
+    """A row switch as a row file writes it (``none``, ``true``, ``arm``)."""
+    return "none" if value is None else str(value).lower()
 
 
 def read_budget(path: Path | None) -> dict[str, Overrides]:
@@ -155,13 +218,46 @@ def row_overrides(row: Row, budget: Mapping[str, Overrides]) -> dict[str, list[O
     }
 
 
-def markdown_table(results: list[dict[str, Any]]) -> str:
-    header = "| row | stages | " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+def paper_metrics(row: Row) -> dict[str, float]:
+    """The paper's Table II numbers of ``row`` (its ``paper_row``), by metric key; none without one."""
+    return {} if row.paper_row is None else dict(paper.table_ii_row(row.paper_row).metrics)
+
+
+def _cell(value: float | None) -> str:
+    return paper.NOT_REPORTED if value is None else f"{value:.3f}"
+
+
+def markdown_table(results: list[dict[str, Any]], note: bool = True) -> str:
+    """The table of ``results`` (the rows of :func:`run`): per row its paper index, name and stages, then
+    per metric ``ours / paper`` (the paper's Table II, ``-`` where it has no number) and CE-F1 (ours);
+    :data:`TABLE_NOTE` above it when ``note``."""
+    titles = [f"{title} (ours / paper)" for _, title in PAPER_COLUMNS]
+    titles += [f"{title} (ours)" for _, title in OUR_COLUMNS]
+    lines = [TABLE_NOTE, ""] if note else []
+    lines += ["| # | row | stages | " + " | ".join(titles) + " |", "|" + "---|" * (len(titles) + 3)]
     for result in results:
-        scores = " | ".join(f"{result['metrics'][key]:.3f}" for key, _ in COLUMNS)
-        lines.append(f"| {result['name']} | {' → '.join(result['stages'])} | {scores} |")
+        ours, theirs = result["metrics"], result.get("paper") or {}
+        cells = [f"{_cell(ours.get(key))} / {_cell(theirs.get(key))}" for key, _ in PAPER_COLUMNS]
+        cells += [_cell(ours.get(key)) for key, _ in OUR_COLUMNS]
+        index = paper.NOT_REPORTED if result.get("paper_row") is None else str(result["paper_row"])
+        stages = " → ".join(result["stages"])
+        lines.append(f"| {index} | {result['name']} | {stages} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def ablation_json(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``ablation.json`` holds: :data:`TABLE_NOTE`, where the paper's numbers come from, and the
+    rows (each with ``metrics``, ours, and ``paper``, the paper's Table II numbers of its ``paper_row``)."""
+    return {
+        "note": TABLE_NOTE,
+        "paper": {
+            "source": "the MambaXray-CTL paper, Table II",
+            "dataset": paper.TABLE_II_DATASET,
+            "model": paper.TABLE_II_MODEL,
+            "metrics": list(paper.TABLE_II_METRICS),
+        },
+        "rows": results,
+    }
 
 
 def budget_path(configs: Path, budget: str | None) -> Path | None:
@@ -192,17 +288,19 @@ def run(args: argparse.Namespace) -> int:
         results.append(
             {
                 "row": path.stem,
+                "paper_row": row.paper_row,
                 "name": row.name,
                 "stages": [stage.config for stage in row.stages],
                 "metrics": metrics,
+                "paper": paper_metrics(row),
                 "predictions": str(predictions),
                 "wall_time_s": round(time.perf_counter() - start, 1),
             }
         )
-        print(markdown_table(results), flush=True)
+        print(markdown_table(results, note=False), flush=True)
     table = markdown_table(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(table + "\n")
-    (out / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "ablation.json").write_text(json.dumps(ablation_json(results), indent=2) + "\n")
     print(f"\n{table}\n\nwritten: {out / 'ablation.md'}, {out / 'ablation.json'}")
     return 0

@@ -4,7 +4,9 @@
 object per line with at least ``id``, ``generated`` and ``reference`` (other keys are ignored),
 keeps the first line of each study id, scores the corpus with :func:`score_reports` — plus clinical
 efficacy when a labeller is given (``demo`` by default for the demo dataset: :func:`resolve_labeler`) —
-prints a paper-style table and writes ``metrics.json`` next to the predictions (``--out`` to change).
+prints a paper-style table (for ``iu_xray`` and ``chexpert_plus`` with the paper's Table I rows of that
+dataset below ours: :mod:`~mambaxray_ctl.evaluation.paper`) and writes ``metrics.json`` next to the
+predictions (``--out`` to change; it records none of the paper's numbers).
 ``mambaxray-ctl pipeline evaluate`` (``make evaluate``) does the same through :func:`evaluate_file` and
 :func:`print_report`.
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mambaxray_ctl.data.cleaning import clean_report, is_empty_report
+from mambaxray_ctl.evaluation import paper
 from mambaxray_ctl.metrics.clinical import Labeler, clinical_scores, label_reports, load_labeler
 from mambaxray_ctl.metrics.report import MeteorOption, deduplicate, score_reports
 
@@ -37,9 +40,6 @@ AUTO_LABELER = "auto"
 DEMO_DATASET = "demo"
 DEMO_LABELER = "demo"  # metrics.clinical.BUILTIN_LABELERS
 NO_LABELER = "none"
-# The MambaXray-CTL paper's Table I could not be found in a trustworthy source; no numbers are
-# printed for it rather than numbers from memory.
-PAPER_ROWS_NOTE = "paper rows: not available"
 
 
 def read_prediction_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -107,7 +107,9 @@ def evaluate_predictions(
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_RULES)}")
     if isinstance(labeler, str):
         labeler = load_labeler(labeler)
-    records = read_predictions(path)
+    rows = read_prediction_rows(path)
+    records = [(row["id"], row["generated"], row["reference"]) for row in rows]
+    recorded = {key: _recorded(rows, key, path) for key in ("reference_source", "checkpoint")}
     dedup = deduplicate([study for study, _, _ in records], [(gen, ref) for _, gen, ref in records])
     records = [records[index] for index in dedup.keep]
     rule = DATASET_RULES[dataset] if clean else "none"
@@ -132,8 +134,21 @@ def evaluate_predictions(
         cleaning=rule,
         labeler=None if labeler is None else type(labeler).__name__,
         predictions=str(path),
+        reference_source=recorded["reference_source"] or "cleaned",
+        checkpoint=recorded["checkpoint"],
     )
     return metrics
+
+
+def _recorded(rows: list[dict[str, Any]], key: str, path: str | Path) -> Any:
+    """The value every row of a predictions file records under ``key`` (``None`` when none does).
+
+    :raises ValueError: the rows disagree (a file merged from different runs or settings).
+    """
+    values = {json.dumps(row.get(key)) for row in rows}
+    if len(values) > 1:
+        raise ValueError(f"{path}: its rows record different {key!r} values: {sorted(values)[:4]}")
+    return json.loads(values.pop()) if values else None
 
 
 def evaluate_file(
@@ -178,20 +193,29 @@ def print_report(metrics: dict[str, Any], name: str, out: str | Path | None = No
 
 
 def format_table(metrics: dict[str, Any], dataset: str, name: str) -> str:
-    """A paper-style table of our row (the paper's rows for iu_xray / chexpert_plus are not available)."""
+    """A paper-style table of our row; for iu_xray and chexpert_plus, the paper's Table I rows of that
+    dataset below it (:func:`mambaxray_ctl.evaluation.paper.table_i`; ``-``: not reported by the paper)."""
     columns = [("BLEU-1", "BLEU_1"), ("BLEU-2", "BLEU_2"), ("BLEU-3", "BLEU_3"), ("BLEU-4", "BLEU_4")]
     columns += [("ROUGE-L", "ROUGE_L"), ("METEOR", "METEOR"), ("CIDEr", "CIDEr")]
     if "CE_F1_macro" in metrics:
         columns += [("CE-P", "CE_precision_macro"), ("CE-R", "CE_recall_macro"), ("CE-F1", "CE_F1_macro")]
     label = f"ours ({name})"
-    width = max(len(label), 10)
-    cells = [f"{metrics[key]:.3f}" if key in metrics else "n/a" for _, key in columns]
+    theirs = paper.table_i(dataset)
+    width = max(len(label), 10, *(len(row.name) for row in theirs))
+
+    def line(label: str, cells: list[str]) -> str:
+        return f"{label:<{width}}  " + "  ".join(f"{cell:>7}" for cell in cells)
+
     lines = [
-        f"{'':<{width}}  " + "  ".join(f"{title:>7}" for title, _ in columns),
-        f"{label:<{width}}  " + "  ".join(f"{cell:>7}" for cell in cells),
+        line("", [title for title, _ in columns]),
+        line(label, [f"{metrics[key]:.3f}" if key in metrics else "n/a" for _, key in columns]),
     ]
-    if dataset in ("iu_xray", "chexpert_plus"):
-        lines.append(PAPER_ROWS_NOTE)
+    if theirs:
+        lines.append(
+            f"the MambaXray-CTL paper's Table I, {paper.DATASET_NAMES[dataset]} "
+            f"(its numbers, '{paper.NOT_REPORTED}': not reported):"
+        )
+        lines += [line(row.name, [row.cell(key) for _, key in columns]) for row in theirs]
     if "CE_F1_macro" in metrics:
         lines.append("CE-P/R/F1: macro averages over the labeller's findings")
     return "\n".join(lines)

@@ -194,16 +194,29 @@ class ReportGenModule(BackboneStage):
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=len(batch["ids"]))
         return out.loss
 
-    def _generate_and_update(self, batch: dict[str, Any], metrics: nn.ModuleDict) -> list[dict[str, str]]:
+    def references(self, batch: dict[str, Any]) -> list[str]:
+        """The references a batch is scored against: its cleaned reports, or with
+        ``evaluation.reference_source="truncated"`` the official code's LM-re-decoded reports truncated
+        to ``lm.max_target_tokens`` (empty strings for a batch without reports)."""
+        references = list(batch.get("reports") or [""] * len(batch["ids"]))
+        if self.evaluation.reference_source != "truncated":
+            return references
+        by_id = dict(zip(batch["ids"], references, strict=True))
+        truncated = truncate_references(by_id, self.llm.tokenizer, self.lm_spec.max_target_tokens)
+        return [truncated[i] for i in batch["ids"]]
+
+    def _generate(self, batch: dict[str, Any]) -> tuple[list[str], list[str], list[dict[str, str]]]:
+        """Generated reports, references, and the rows the prediction writer and sample logger take."""
         generated = self.generate(batch["images"], batch.get("view_mask"))
-        references = list(batch["reports"])
-        if self.evaluation.reference_source == "truncated":
-            truncated = truncate_references(
-                dict(zip(batch["ids"], references, strict=True)),
-                self.llm.tokenizer,
-                self.lm_spec.max_target_tokens,
-            )
-            references = [truncated[i] for i in batch["ids"]]
+        references = self.references(batch)
+        rows = [
+            {"id": i, "generated": g, "reference": r}
+            for i, g, r in zip(batch["ids"], generated, references, strict=True)
+        ]
+        return generated, references, rows
+
+    def _generate_and_update(self, batch: dict[str, Any], metrics: nn.ModuleDict) -> list[dict[str, str]]:
+        generated, references, rows = self._generate(batch)
         metrics["report"].update(batch["ids"], generated, references)
         if "clinical" in metrics:
             metrics["clinical"].update(
@@ -211,10 +224,7 @@ class ReportGenModule(BackboneStage):
                 label_reports(self.labeler, generated),
                 label_reports(self.labeler, references),
             )
-        return [
-            {"id": i, "generated": g, "reference": r}
-            for i, g, r in zip(batch["ids"], generated, references, strict=True)
-        ]
+        return rows
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
         self.log("val/loss", self(batch).loss, sync_dist=True, batch_size=len(batch["ids"]))
@@ -224,12 +234,7 @@ class ReportGenModule(BackboneStage):
         return self._generate_and_update(batch, self.test_metrics)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
-        generated = self.generate(batch["images"], batch.get("view_mask"))
-        references = batch.get("reports") or [""] * len(generated)
-        return [
-            {"id": i, "generated": g, "reference": r}
-            for i, g, r in zip(batch["ids"], generated, references, strict=True)
-        ]
+        return self._generate(batch)[2]
 
     def on_validation_epoch_end(self) -> None:
         self._log_corpus_metrics("val", self.val_metrics)
