@@ -28,7 +28,7 @@ from mambaxray_ctl import pipeline as pl
 from mambaxray_ctl.data.datamodules import micro_batches, per_device_batch_size
 from mambaxray_ctl.pipeline import STAGE2, STAGE3, Pipeline, PipelineError
 from test_configs import print_config
-from test_pipeline import _configs, _handoff, _tiny_args
+from test_pipeline import _configs, _handoff, _tiny_args, tiny_world_pipeline
 from test_stages_cli import CONFIGS
 
 REPO = CONFIGS.parent
@@ -230,14 +230,7 @@ def test_the_demo_recipe_end_to_end_on_the_tiny_world(world: Path, tmp_path: Pat
 
     pretraining = tmp_path / "checkpoint-100.pth"  # the official ARM pretraining file's layout
     torch.save({"model": create_backbone("test_arm_tiny_pretrain").state_dict()}, pretraining)
-    world_paths = {"annotation": str(world / "annotation.json"), "image_root": str(world / "images")}
-    pipeline = Pipeline(
-        data="demo",
-        trainer="cpu",
-        configs=CONFIGS,
-        out=tmp_path,
-        overrides=({"data": {"init_args": world_paths}},),
-    )
+    pipeline = tiny_world_pipeline(world, tmp_path)
     micro = "--data.init_args.micro_batch_size=4"
     validated = [
         "--trainer.max_epochs=1",

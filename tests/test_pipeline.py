@@ -455,15 +455,15 @@ def _tiny_args(world: Path, out: Path, stage: str, *extra: str) -> list[str]:
     )
 
 
-def test_stage2_stage3_predict_through_the_pipeline(world: Path, tmp_path: Path) -> None:
+def tiny_world_pipeline(world: Path, out: Path) -> Pipeline:
+    """The demo data configs and CPU trainer on the tiny test world, runs in ``out``."""
     world_paths = {"annotation": str(world / "annotation.json"), "image_root": str(world / "images")}
-    pipeline = Pipeline(
-        data="demo",
-        trainer="cpu",
-        configs=CONFIGS,
-        out=tmp_path,
-        overrides=({"data": {"init_args": world_paths}},),
-    )
+    overrides = ({"data": {"init_args": world_paths}},)
+    return Pipeline(data="demo", trainer="cpu", configs=CONFIGS, out=out, overrides=overrides)
+
+
+def test_stage2_stage3_predict_through_the_pipeline(world: Path, tmp_path: Path) -> None:
+    pipeline = tiny_world_pipeline(world, tmp_path)
     stage2 = pl.fit_stage(
         pipeline, STAGE2, "none", args=_tiny_args(world, tmp_path, "stage2", "--trainer.max_steps=2")
     )
