@@ -1,7 +1,8 @@
 """``mambaxray-ctl prepare``: build a CheXpert Plus annotation, or resize images once into a cache.
 
-* ``prepare chexpert-plus --csv df_chexpert_plus_240401.csv --out annotation.json [--images ROOT]``:
-  R2Gen-format annotation from the official CSV. One study per image folder
+* ``prepare chexpert-plus --csv df_chexpert_plus_240401.csv --out OUT.json [--images ROOT]``:
+  our own R2Gen-format annotation from the official CSV (the paper's split, the CXPMRG-Bench file, is
+  the default and is used as is; this one is an option). One study per image folder
   (``train/patient42142/study5``), report = the chosen section (rows without it are dropped and
   counted), frontal views first, a seeded 7:1:2 train/val/test split at PATIENT level.
 * ``prepare images --root ROOT --size 224 --out CACHE``: every image under ROOT (or listed in
