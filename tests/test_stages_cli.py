@@ -102,7 +102,10 @@ def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> MambaXrayCLI:
 def test_fast_dev_run_of_each_stage_from_the_config_files(
     stage: str, world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cli = run_cli(cli_args(world, tmp_path, stage, "fit", "--trainer.fast_dev_run=1"), monkeypatch)
+    # fast_dev_run swaps the logger for a dummy, so checkpoints go to default_root_dir (else the cwd)
+    root = f"--trainer.default_root_dir={tmp_path}"
+    args = cli_args(world, tmp_path, stage, "fit", "--trainer.fast_dev_run=1", root)
+    cli = run_cli(args, monkeypatch)
     assert cli.trainer.state.finished
     losses = {k: v for k, v in cli.trainer.callback_metrics.items() if k.startswith("train/loss")}
     assert losses and all(torch.isfinite(v) for v in losses.values())
