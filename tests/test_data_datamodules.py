@@ -215,21 +215,14 @@ def test_micro_batch_size_reaches_the_global_batch_by_accumulation(tmp_path: Pat
     import lightning.pytorch as pl
 
     from mambaxray_ctl.data.datamodules import micro_batches
+    from test_stage1_arm import quiet_trainer
 
     assert micro_batches(192, 24, 8) == 1 and micro_batches(160, 2, 8) == 10
     with pytest.raises(ValueError, match=r"batch_size=20 \(GLOBAL\) is not a positive multiple of .* 3 x 1"):
         micro_batches(20, 3, 1)
     annotation, _ = make_dataset(tmp_path, counts=(8, 2, 2), views=2, size=16)
     dm = _module(annotation, batch_size=4, micro_batch_size=2, drop_last=True)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
     trainer.fit(_TinyModel.make(), datamodule=dm)
     assert dm.batch_size_per_device == 2 and trainer.accumulate_grad_batches == 2
     assert trainer.global_step == 2  # 8 studies: 4 micro-batches of 2, two optimiser steps of 4
