@@ -12,6 +12,7 @@ from mambaxray_ctl.ops import ScanImpl
 
 BlockStyle = Literal["arm", "vim"]
 PosEmbedType = Literal["learned", "sincos"]
+WeightInit = Literal["official", "trunc_normal"]
 
 
 def _is_int(value: object) -> bool:
@@ -32,7 +33,8 @@ class VisionMambaConfig:
     ``embed_dim * 4 * 2 // 3`` for ARM blocks and "no MLP" for Vim blocks. ``divide_out`` only
     matters with two scan directions (Vim v2); four directions (ARM v3) always average.
     ``dynamic_img_size`` allows inputs whose size differs from ``img_size`` (the position
-    embedding is then resampled); otherwise a wrong input size is an error.
+    embedding is then resampled); otherwise a wrong input size is an error. ``weight_init`` is the
+    from-scratch initialisation (:meth:`VisionMamba.init_weights`).
     """
 
     img_size: int | tuple[int, int] = 224
@@ -56,6 +58,7 @@ class VisionMambaConfig:
     dt_min: float = 1e-3
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
+    weight_init: WeightInit = "official"
     ssm_impl: ScanImpl = "auto"
 
     def __post_init__(self) -> None:
@@ -105,6 +108,8 @@ class VisionMambaConfig:
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+        if self.weight_init not in get_args(WeightInit):
+            raise ValueError(f"weight_init must be one of {get_args(WeightInit)}, got {self.weight_init!r}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
         if not 0 < self.dt_min <= self.dt_max or self.dt_init_floor <= 0:

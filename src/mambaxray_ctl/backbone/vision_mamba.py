@@ -31,11 +31,17 @@ class VisionMamba(nn.Module):
     non-trainable buffer that IS saved in the state dict, because ARM's stage-1 checkpoints carry
     ``pos_embed`` (and loading them must not report it as unexpected).
 
-    Init (timm/mamba style): linears trunc-normal(0.02) with zero bias, except ``dt_proj`` (Mamba's
-    own init, with ``A_log``/``D``: see ``MambaMixer.reset_ssm_parameters``); norms ones/zeros;
-    ``cls_token``/learned ``pos_embed`` trunc-normal(0.02); convs PyTorch's default; every
-    ``mixer.out_proj`` weight is then divided by ``sqrt(depth)`` (Mamba's pre-norm residual rescale
-    with one residual per layer, applied to the trunc-normal draw).
+    Init from scratch (``config.weight_init``), both with Mamba's own init of ``dt_proj``, ``A_log``
+    and ``D`` (``MambaMixer.reset_ssm_parameters``), norms ones/zeros, ``cls_token`` and a learned
+    ``pos_embed`` trunc-normal(0.02), convs 1-D PyTorch's default, and every ``mixer.out_proj``
+    weight divided by ``sqrt(depth)`` (the pre-norm residual rescale, one residual per layer):
+
+    * ``"official"`` (default), as the official code (Vim ``vim/models_mamba.py`` ``_init_weights`` and
+      ``segm_init_weights``; CTL ``arm/Finetuning/models_mamba.py``): every linear keeps PyTorch's
+      default weight (Kaiming-uniform, bound ``1/sqrt(fan_in)``) with a zero bias; ``out_proj``
+      re-drawn the same way before the rescale; the patch embedding LeCun-normal with a zero bias.
+    * ``"trunc_normal"``: linears trunc-normal(0.02) with zero bias; the patch embedding PyTorch's
+      default (this package's scheme before it followed the official one).
     """
 
     def __init__(self, config: VisionMambaConfig) -> None:
@@ -96,7 +102,7 @@ class VisionMamba(nn.Module):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         else:
             self.pos_embed.copy_(self._sincos_pos_embed(self.grid_size))
-        self.apply(_init_module)
+        self.apply(_official_init if self.config.weight_init == "official" else _trunc_normal_init)
         for layer in self.layers:
             layer.mixer.reset_ssm_parameters()
             layer.mixer.out_proj.weight.div_(math.sqrt(self.config.depth))
@@ -193,15 +199,46 @@ class VisionMamba(nn.Module):
         return layer(*args)
 
 
+# The standard deviation of a unit normal truncated to [-2, 2].
+_TRUNCATED_STD_AT_2 = 0.87962566103423978
+
+
+def lecun_normal_(weight: Tensor) -> Tensor:
+    """LeCun-normal init: a normal truncated at two of its standard deviations, scaled so that the
+    drawn values have variance ``1 / fan_in`` (as the official code's patch embedding)."""
+    fan_in = weight[0].numel()
+    std = math.sqrt(1.0 / fan_in) / _TRUNCATED_STD_AT_2
+    return nn.init.trunc_normal_(weight, std=std, a=-2.0 * std, b=2.0 * std)
+
+
 @torch.no_grad()
-def _init_module(module: nn.Module) -> None:
+def _official_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear | nn.Conv1d):
+        module.reset_parameters()
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        lecun_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    else:
+        _init_norm(module)
+
+
+@torch.no_grad()
+def _trunc_normal_init(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Conv1d | nn.Conv2d):
         module.reset_parameters()
-    elif isinstance(module, nn.LayerNorm):
+    else:
+        _init_norm(module)
+
+
+def _init_norm(module: nn.Module) -> None:
+    if isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
     elif isinstance(module, RMSNorm):
