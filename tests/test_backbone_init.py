@@ -1,4 +1,4 @@
-"""The backbone's from-scratch initialisation follows the official code's scheme (docs/METHOD.md, "Initialisation").
+"""The backbone's from-scratch initialisation follows the official code's (docs/METHOD.md, "Initialisation").
 
 Each parameter group is checked against the distribution the official code draws it from (Vim
 ``vim/models_mamba.py`` ``_init_weights``/``segm_init_weights``, CTL ``arm/Finetuning/models_mamba.py``):
@@ -62,7 +62,9 @@ def test_linears_keep_pytorch_default_weights_with_zero_bias(arm: torch.nn.Modul
             _zero(linear.bias)
 
 
-def test_out_proj_is_kaiming_uniform_divided_by_sqrt_depth(arm: torch.nn.Module, vim: torch.nn.Module) -> None:
+def test_out_proj_is_kaiming_uniform_divided_by_sqrt_depth(
+    arm: torch.nn.Module, vim: torch.nn.Module
+) -> None:
     for model in (arm, vim):
         for layer in model.layers:
             _kaiming_uniform(layer.mixer.out_proj, scale=1 / math.sqrt(model.config.depth))

@@ -187,6 +187,36 @@ def test_stage1_on_two_processes_exports_once(stage: str, world: Path, tmp_path:
     only(list(tmp_path.rglob("backbone.safetensors")))
 
 
+@pytest.mark.slow  # about 2 min on 2 CPU cores
+def test_the_paper_recipe_runs_its_three_fits_in_one_command_on_two_ranks(
+    world: Path, tmp_path: Path
+) -> None:
+    """``make paper`` under DDP: stage 2, stage 3 and predict are three Trainers in one process; Lightning
+    starts rank 1 once, and both ranks must agree on every run, hand-off and checkpoint."""
+    from mambaxray_ctl.backbone import create_backbone
+
+    pretraining = tmp_path / "checkpoint-100.pth"  # the official ARM pretraining file's layout
+    torch.save({"model": create_backbone("test_arm_tiny_pretrain").state_dict()}, pretraining)
+    out = tmp_path / "runs"
+    out.mkdir()
+    driver = ROOT / "tests" / "ddp_paper.py"
+    run_command([sys.executable, str(driver), str(world), str(out), str(pretraining)])
+    rank0, rank1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0.pop("scored") is True and rank1.pop("scored") is False  # only rank 0 scores
+    assert rank0 == rank1
+    for stage in ("stage2", "stage3"):  # one run each: rank 1 trained in rank 0's runs
+        assert len(list(out.glob(f"{stage}/*/checkpoints"))) == 1
+    stage2_meta = json.loads(Path(rank0["stage2_export"]).with_suffix(".json").read_text())
+    stage3_meta = json.loads((Path(rank0["stage3"]) / "backbone.json").read_text())
+    assert stage2_meta["init_from"] == str(pretraining)
+    assert stage3_meta["init_sha256"] == stage2_meta["sha256"]
+    predictions = Path(rank0["predictions"])
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    test_ids = {study["id"] for study in json.loads((world / "annotation.json").read_text())["test"]}
+    assert {row["id"] for row in rows} == test_ids and len(rows) == len(test_ids)  # sampler padding removed
+    assert "BLEU_4" in json.loads((predictions.parent / "metrics.json").read_text())
+
+
 @pytest.mark.parametrize("stage", ["stage2", "stage3"])
 def test_two_nodes_with_torchrun_equal_one_node_with_two_processes(
     stage: str, world: Path, tmp_path: Path
