@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from mambaxray_ctl.demo.ablation import read_row
@@ -137,18 +138,41 @@ def test_stage3_on_two_processes_equals_one_process_then_predicts(world: Path, t
     assert "text_proj.weight" in runs["single_probe"][0]["gradients"]
     check_equal_to_single_process(runs)
 
-    last = only(list(runs["ddp"].rglob("last.ckpt")))
-    out = tmp_path / "predict"
-    run_mambaxray(cli_args(world, out, "stage3", "predict", "--ckpt_path", str(last), *DDP))
-    rows = [json.loads(line) for line in only(list(out.rglob("predictions.jsonl"))).read_text().splitlines()]
-    assert sorted(row["id"] for row in rows) == sorted(entry["id"] for entry in annotation["test"])
+    exports = {name: only(list(runs[name].rglob("model.safetensors"))) for name in ("single", "ddp")}
+    assert_same_tensors(load_file(exports["ddp"]), load_file(exports["single"]))  # written once, complete
+
+    predicted = {}
+    for source in (only(list(runs["ddp"].rglob("last.ckpt"))), exports["ddp"]):
+        out = tmp_path / f"predict_{source.suffix[1:]}"
+        run_mambaxray(cli_args(world, out, "stage3", "predict", "--ckpt_path", str(source), *DDP))
+        lines = only(list(out.rglob("predictions.jsonl"))).read_text().splitlines()
+        predicted[source.suffix] = {row["id"]: row["generated"] for row in map(json.loads, lines)}
+    assert sorted(predicted[".ckpt"]) == sorted(entry["id"] for entry in annotation["test"])
+    assert predicted[".safetensors"] == predicted[".ckpt"]  # the model export predicts as its checkpoint
 
 
-def test_stage3_without_ctl_ft_on_two_processes(world: Path, tmp_path: Path) -> None:
-    """Table II rows without CTL-FT: ``text_proj`` gets no gradient, so it must not be trainable."""
-    extra = ["--model.init_args.ctl_ft.weight=0", "--trainer.max_steps=1", "--trainer.limit_val_batches=0"]
+def test_stage3_without_ctl_ft_on_two_processes_validates_with_its_pictures(
+    world: Path, tmp_path: Path
+) -> None:
+    """Table II rows without CTL-FT: ``text_proj`` gets no gradient, so it must not be trainable. One
+    validation runs, with rank 0's sample reports, thumbnails and heat maps (the other rank waits)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = [
+        "--model.init_args.ctl_ft.weight=0",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.check_val_every_n_epoch=1",
+    ]
     run_mambaxray(cli_args(world, tmp_path, "stage3", "fit", *extra, *DDP))
     only(list(tmp_path.rglob("backbone.safetensors")))
+    events = EventAccumulator(
+        str(only(list(tmp_path.rglob("events.out.tfevents.*")))), size_guidance={"images": 0}
+    )
+    images = events.Reload().Tags()["images"]
+    assert any(tag.startswith("val/images/") for tag in images)
+    assert any(tag.startswith("val/heat_maps/") for tag in images)
 
 
 def _world_with_bad_image_on_rank1(world: Path, out: Path) -> tuple[Path, str]:

@@ -132,7 +132,7 @@ def test_load_labeler_imports_user_class() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("chexbert", "use 'demo' or 'package.module:ClassName'"),
+        ("chexpert", "use 'chexbert', 'demo' or 'package.module:ClassName'"),
         ("no_such_module_xyz:Labeler", "cannot import module 'no_such_module_xyz'"),
         ("json:NoSuchClass", "has no 'NoSuchClass'"),
         ("collections:OrderedDict", "needs a 'label_names' attribute"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,8 +121,11 @@ def test_demo_dataset_gets_clinical_scores(tmp_path: Path, capsys: pytest.Captur
         "CE_F1/cardiomegaly",
     } <= set(metrics)
     assert metrics["labeler"] == "DemoWorldLabeler"
+    # a labeller without subsets or settings: no empty keys, and the CE macro columns of the table only
+    assert "clinical_subsets" not in metrics and "labeler_settings" not in metrics
     out = capsys.readouterr().out
     assert "CE-F1" in out and "paper rows" not in out
+    assert "clinical efficacy (" not in out and "findings, micro" not in out
 
     no_labels = evaluate.evaluate_predictions(path, "demo", labeler=None, meteor=False)
     assert "CE_F1_macro" not in no_labels
@@ -191,3 +196,54 @@ def test_reference_source_and_checkpoint_are_carried_into_the_metrics(tmp_path: 
         evaluate.evaluate_predictions(path, "iu_xray", meteor=False)
     path.write_text(json.dumps({"id": "a", "generated": "x .", "reference": "x ."}) + "\n")  # older files
     assert evaluate.evaluate_predictions(path, "iu_xray", meteor=False)["reference_source"] == "cleaned"
+
+
+def test_output_folders_are_created_and_a_bad_path_fails_before_scoring(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_predictions(tmp_path / "predictions.jsonl", golden_rows()[:3])
+    out, page = tmp_path / "new" / "metrics.json", tmp_path / "pages" / "deep" / "report.html"
+    argv = [str(path), "--dataset", "iu_xray", "--meteor", "off", "--out", str(out)]
+    assert run_command(*argv, "--html", str(page)) == 0
+    assert json.loads(out.read_text())["num_studies"] == 3 and page.is_file()
+    capsys.readouterr()
+
+    scored = []
+    monkeypatch.setattr(evaluate, "score_reports", lambda *args, **kwargs: scored.append(args) or {})
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    bad_page = blocker / "report.html"  # its folder is a file: cannot be created
+    argv = [str(path), "--dataset", "iu_xray", "--meteor", "off", "--out", str(tmp_path / "m.json")]
+    assert run_command(*argv, "--html", str(bad_page)) == 1
+    assert str(blocker) in capsys.readouterr().err
+    assert scored == [] and not (tmp_path / "m.json").exists()  # failed before the scoring
+
+
+def test_the_page_is_written_after_the_metrics(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_predictions(tmp_path / "predictions.jsonl", golden_rows()[:3])
+    page = tmp_path / "report.html"
+    page.mkdir()  # a folder where the page should go: writing it fails after the scoring
+    assert run_command(str(path), "--dataset", "iu_xray", "--meteor", "off", "--html", str(page)) == 1
+    assert str(page) in capsys.readouterr().err
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_studies"] == 3  # the scores are kept
+
+
+def test_labeller_options_without_a_named_labeller_name_the_options(tmp_path: Path) -> None:
+    path = write_predictions(tmp_path / "p.jsonl", golden_rows()[:2])
+    with pytest.raises(
+        ValueError, match=r"labeller options \(tokenizer, weights\) need a labeller given by name"
+    ):
+        evaluate.evaluate_predictions(
+            path, "iu_xray", labeler=None, labeler_options={"weights": "w", "tokenizer": "t"}
+        )
+
+
+def test_importing_evaluate_does_not_import_the_chexbert_model() -> None:
+    """The command's module names CheXbert's choices without importing BERT (transformers' BertModel)."""
+    code = (
+        "import sys, mambaxray_ctl.evaluation.evaluate as e; "
+        "assert e.UNCERTAIN_CHOICES == ('negative', 'positive'); "
+        "print('mambaxray_ctl.metrics.chexbert' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -15,7 +15,7 @@ from mambaxray_ctl.evaluation import qualitative as q
 from test_stages_cli import cli_args, run_cli
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NOTEBOOK_NAMES = ("01-qualitative-inspection.ipynb", "02-embedding-space.ipynb")
+NOTEBOOK_NAMES = ("01-qualitative-inspection.ipynb", "02-embedding-space.ipynb", "03-heat-maps.ipynb")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -206,6 +206,33 @@ def test_notebooks_run_on_tiny_artefacts(
     weights = _outputs_text(embedding, "setup")
     assert "'with CTL-FT': 0.4" in weights and "'without CTL-FT': 0.0" in weights
     assert "matched_cosine" in _outputs_text(embedding, "embed")
+
+
+def test_heat_map_notebook_runs_on_tiny_artefacts(
+    artefacts: dict[str, Path], world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Notebook 03 on the tiny run, with the references as generated reports (the tiny model's own
+    reports need not name a finding)."""
+    from mambaxray_ctl.data.cleaning import clean_report
+
+    annotation = json.loads((world / "annotation.json").read_text())
+    predictions = tmp_path / "predictions.jsonl"
+    rows = [
+        {"id": e["id"], "generated": clean_report(e["report"], "iu_xray"), "reference": ""}
+        for e in annotation["test"]
+    ]
+    predictions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    figures = tmp_path / "figures"
+    monkeypatch.setenv("MXR_FIGURE_DIR", str(figures))
+    monkeypatch.setenv("MXR_CKPT_CTL", str(artefacts["ctl"]))
+    monkeypatch.setenv("MXR_PREDICTIONS", str(predictions))
+    monkeypatch.setenv("MXR_WORLD", str(world))
+    monkeypatch.setenv("MXR_NUM_STUDIES", "4")
+    heat_maps = _execute(NOTEBOOK_NAMES[2])
+    _assert_png(figures / "heat_maps.png")
+    assert "4 test studies, patch grid (4, 4)" in _outputs_text(heat_maps, "setup")
+    table = _outputs_text(heat_maps, "game")
+    assert "overall" in table and "lung prior" in table and "4 studies" in table
 
 
 def test_collect_embeddings_are_the_ctl_features(artefacts: dict[str, Path]) -> None:

@@ -43,6 +43,7 @@ from mambaxray_ctl.stages.sharding import (
     merge_masters,
     missing_trainable,
     restore_frozen,
+    submodule_entries,
 )
 from test_ddp import run_command
 from test_stage1_arm import tiny_arm
@@ -270,10 +271,16 @@ def test_export_state_is_float32_under_a_plain_strategy() -> None:
     module = tiny_arm()
     module.trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     module.backbone.bfloat16()
-    state = float32_state_dict(module, "backbone")
+    module.backbone.register_buffer("steps", torch.tensor([3, 300]))  # integers stay integers
+    state = submodule_entries(float32_state_dict(module, "backbone."), "backbone")
     assert state.keys() == module.backbone.state_dict().keys()
     for key, value in module.backbone.state_dict().items():
-        assert state[key].dtype == torch.float32 and torch.equal(state[key], value.float()), key
+        expected = value.float() if value.is_floating_point() else value
+        assert state[key].dtype == expected.dtype and torch.equal(state[key], expected), key
+    assert state["steps"].dtype == torch.int64
+    left_out = {"backbone.steps", "backbone.pos_embed"}
+    kept = float32_state_dict(module, exclude=left_out)
+    assert set(kept) == set(module.state_dict()) - left_out  # the whole module, less what is excluded
 
 
 def test_master_weights_replace_the_bf16_parameters_of_the_export() -> None:

@@ -308,6 +308,6 @@ def test_a_failing_embedding_projector_is_logged_and_the_backbone_still_exported
     monkeypatch.setattr(ContrastiveModule, "embed", broken_embed)
     with caplog.at_level(logging.ERROR, logger="mambaxray_ctl"):
         cli = _fit(world, tmp_path, "stage2", monkeypatch, "--trainer.limit_val_batches=0")
-    assert "EmbeddingProjector: embedding the validation split failed" in caplog.text
+    assert "EmbeddingProjector: writing the validation split's embeddings failed" in caplog.text
     assert "CUDA out of memory (simulated)" in caplog.text
     assert (Path(cli.trainer.log_dir) / "backbone.safetensors").is_file()

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import sys
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from transformers import AutoTokenizer, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Qwen2Config
 
 from mambaxray_ctl.demo.text_models import train_causal_lm
-from mambaxray_ctl.text.llm import DEFAULT_PROMPT, ReportLM
+from mambaxray_ctl.text import llm
+from mambaxray_ctl.text.llm import DEFAULT_PROMPT, LMSpec, ReportLM
 from mambaxray_ctl.text.loading import RANDOM_INIT_MARKER, save_random_init
 
 REPORTS = [
@@ -166,17 +171,105 @@ def test_template_needs_one_placeholder(lm_dir: Path, template: str) -> None:
         ReportLM(str(lm_dir), template=template)
 
 
-def test_lora_needs_peft(lm_dir: Path) -> None:
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("peft is installed")
-    with pytest.raises(ImportError, match="pip install peft"):
+def test_lora_needs_peft(lm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` fails, installed or not
+    with pytest.raises(ImportError, match=re.escape("pip install 'mambaxray-ctl[lora]'")):
         ReportLM(str(lm_dir), lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]})
     with pytest.raises(ValueError, match="rank"):
         ReportLM(str(lm_dir), lora={"rank": 4})
+
+
+# 4-bit loading -------------------------------------------------------------------------------------------
+@pytest.fixture
+def captured_load(lm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """``from_pretrained`` of the LM replaced: it records its keyword arguments and returns the tiny LM
+    loaded as usual; CUDA, bitsandbytes and accelerate reported present."""
+    model = AutoModelForCausalLM.from_pretrained(lm_dir)
+    calls: list[dict] = []
+
+    def from_pretrained(name: str, **kwargs: object) -> nn.Module:
+        calls.append(kwargs)
+        return model
+
+    monkeypatch.setattr(llm.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(llm.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(llm, "is_bitsandbytes_available", lambda: True)
+    monkeypatch.setattr(llm, "is_accelerate_available", lambda: True)
+    return calls
+
+
+def test_nf4_passes_the_qlora_config_to_from_pretrained(
+    lm_dir: Path, captured_load: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    spec = LMSpec(name=str(lm_dir), dtype="bfloat16", quantization="nf4", max_target_tokens=TARGET_TOKENS)
+    ReportLM.from_spec(spec)
+    ReportLM.from_spec(replace(spec, quantization=None))
+    quantized, plain = captured_load
+    config = quantized["quantization_config"]
+    assert isinstance(config, BitsAndBytesConfig)
+    assert config.load_in_4bit and not config.load_in_8bit
+    assert config.bnb_4bit_quant_type == "nf4" and config.quantization_method() == "nf4"
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert config.bnb_4bit_use_double_quant is True
+    assert quantized["device_map"] == {"": 1}  # this process's GPU
+    assert quantized["dtype"] == plain["dtype"] == torch.bfloat16  # the parts left unquantized
+    assert "quantization_config" not in plain and "device_map" not in plain
+
+
+def test_nf4_errors_name_the_fix(
+    lm_dir: Path, tmp_path: Path, captured_load: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(llm, "is_bitsandbytes_available", lambda: False)
+    with pytest.raises(ImportError, match=re.escape("pip install 'mambaxray-ctl[quant]'")):
+        ReportLM(str(lm_dir), quantization="nf4")
+    monkeypatch.setattr(llm.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"needs a CUDA GPU.*leave lm\.quantization unset"):
+        ReportLM(str(lm_dir), quantization="nf4")
+    with pytest.raises(ValueError, match=re.escape("unknown lm.quantization='int8'")):
+        ReportLM(str(lm_dir), quantization="int8")
+    random_init = _random_init_dir(lm_dir, tmp_path / "lm", vocab_size=500)
+    with pytest.raises(ValueError, match="random-init folder"):
+        ReportLM(str(random_init), quantization="nf4")
+    assert captured_load == []  # every error comes before the load
+
+
+def test_nf4_warns_unless_the_lm_dtype_is_bfloat16(lm_dir: Path, captured_load: list[dict]) -> None:
+    with pytest.warns(UserWarning, match=r"lm\.dtype='float32'.*set lm\.dtype: bfloat16"):
+        ReportLM(str(lm_dir), quantization="nf4")  # the default dtype, float32
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="lm.quantization")
+        ReportLM(str(lm_dir), dtype="bfloat16", quantization="nf4")
+        ReportLM(str(lm_dir))  # float32 without quantization
+
+
+def test_generate_turns_a_4bit_checkpoints_load_errors_into_messages(
+    lm_dir: Path, tmp_path: Path, captured_load: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``generate`` (default ``--device cpu``) on an nf4 checkpoint: a one-line error, no traceback."""
+    from mambaxray_ctl.evaluation.generate import CheckpointInfo, GenerateError, load_module
+
+    lm = {"name": str(lm_dir), "dtype": "bfloat16", "quantization": "nf4"}
+    info = CheckpointInfo(
+        tmp_path / "model.safetensors", {"backbone": {"preset": "test_arm_tiny"}, "lm": lm}, {}
+    )
+    with pytest.raises(GenerateError, match=r"4-bit report LM \(lm\.quantization='nf4'\).*--device cuda"):
+        load_module(info, device="cpu")
+    assert captured_load == []  # refused before any load
+    monkeypatch.setattr(llm, "is_bitsandbytes_available", lambda: False)  # CUDA reported present
+    with pytest.raises(
+        GenerateError, match=re.escape("cannot build its model here: lm.quantization='nf4' needs")
+    ):
+        load_module(info, device="cuda")
+
+    def no_gpu(quantization: str | None, name: str) -> dict:
+        raise RuntimeError("lm.quantization='nf4' ... needs a CUDA GPU")
+
+    monkeypatch.setattr(llm, "quantization_settings", no_gpu)
+    with pytest.raises(
+        GenerateError, match=r"model\.safetensors: cannot build its model here: .* needs a CUDA GPU"
+    ):
+        load_module(info, device="cuda")
 
 
 def test_missing_folder_names_the_path(tmp_path: Path) -> None:

@@ -26,8 +26,10 @@ Used by ``make stage1|stage2|stage3|predict|evaluate`` (through ``mambaxray-ctl 
   pretraining file (the paper does not retrain stage 1) → stage 3 from that stage-2 run's export →
   predict with its best checkpoint → evaluate; returns the metrics.
 - **Predict** (:func:`predict`) writes ``predictions.jsonl`` for the test split into a new stage-3 run
-  directory; **evaluate** (:func:`evaluate`) scores it with the paper's protocol, as ``mambaxray-ctl
-  evaluate`` does (:func:`mambaxray_ctl.evaluation.evaluate.evaluate_file`).
+  directory, from a checkpoint or a stage-3 model export (``model.safetensors``); **evaluate**
+  (:func:`evaluate`) scores it with the paper's protocol, as ``mambaxray-ctl evaluate`` does
+  (:func:`mambaxray_ctl.evaluation.evaluate.evaluate_file`), and writes the scores into the model card
+  of the run that made the predictions.
 
 Each step runs the LightningCLI in this process (:class:`~mambaxray_ctl.lightning_cli.MambaXrayCLI`);
 its argument list is built in one place (:func:`_cli_args`).
@@ -477,10 +479,50 @@ def evaluate(
 
     ``labeler``: ``auto`` (that command's default: the demo labeller for the demo data, none
     otherwise), a labeller spec, or ``None`` / ``none`` (no clinical scores).
+
+    The scores also go into the metrics section of the ``MODEL_CARD.md`` of the stage-3 run whose
+    checkpoint or model export made the predictions, when it has one (:func:`record_in_model_card`).
     """
     from mambaxray_ctl.evaluation.evaluate import evaluate_file
 
-    return evaluate_file(predictions, data, labeler=labeler, out=out)
+    metrics = evaluate_file(predictions, data, labeler=labeler, out=out)
+    record_in_model_card(metrics, out)
+    return metrics
+
+
+def record_in_model_card(metrics: Mapping[str, Any], out: str | Path | None = None) -> Path | None:
+    """Rewrite the metrics section of the model card of the run that wrote ``metrics["checkpoint"]``
+    (``<run>/MODEL_CARD.md``, written with its ``model.safetensors``); returns the card, or ``None``
+    when there is none. A card without its metrics section is left alone, with a warning.
+
+    The section names the file that made the predictions and whether it is the card's own export
+    (:func:`~mambaxray_ctl.stages.export.scored_file`), then the table ``mambaxray-ctl evaluate``
+    prints, with the labeller's micro, macro and subset CE rows when it has subsets (CheXbert's).
+    """
+    from mambaxray_ctl.evaluation.evaluate import format_clinical, format_table
+    from mambaxray_ctl.stages.export import ModelExportError, model_card_of, scored_file, write_card_metrics
+
+    card = model_card_of(metrics.get("checkpoint"))
+    if card is None:
+        return None
+    predictions = Path(metrics["predictions"])
+    where = f"; every score in `{out}`" if out is not None else ""
+    table = format_table(dict(metrics), metrics["dataset"], predictions.name)
+    if metrics.get("clinical_subsets"):
+        table += f"\n{format_clinical(dict(metrics))}"
+    text = (
+        f"**Scored: {scored_file(card, metrics['checkpoint'])}.**\n\n"
+        f"Scores of `{predictions}` ({metrics['num_studies']} studies of predict's split, test unless "
+        f"changed; {metrics['reference_source']} references), written by the pipeline's evaluate "
+        f"step{where}:\n\n```text\n{table}\n```"
+    )
+    try:
+        write_card_metrics(card, text)
+    except ModelExportError as exc:
+        log.warning("%s", exc)
+        return None
+    log.info("model card %s: metrics updated", card)
+    return card
 
 
 # The paper ------------------------------------------------------------------------------------------------
@@ -627,7 +669,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         if name == "stage1":
             step.add_argument("--method", choices=sorted(STAGE1_METHODS), default="arm", help="default: arm")
         if name == "predict":
-            step.add_argument("--ckpt", default=None, help="a checkpoint or a stage-3 run folder")
+            step.add_argument(
+                "--ckpt",
+                default=None,
+                help="a checkpoint, a model export (model.safetensors) or a stage-3 run folder",
+            )
         else:
             step.add_argument(
                 "--init",

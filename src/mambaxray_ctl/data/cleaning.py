@@ -91,6 +91,38 @@ def clean_report(report: str, rule: CleaningRule) -> str:
         raise ValueError(f"unknown cleaning rule {rule!r}; choose one of {sorted(CLEANERS)}") from None
 
 
+# A period standing alone between blanks (or at an end): the sentence separator of a cleaned report.
+_SEPARATOR = re.compile(r"(?<!\S)\.(?!\S)")
+_SENTENCE_EDGES = " \t\n\r\f\v."
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the sentences of an R2Gen-cleaned report (``"a . b ."``):
+    the text between stand-alone periods, blanks and periods trimmed from both ends, empty ones left
+    out. :func:`split_sentences` gives their text."""
+    spans, start = [], 0
+    for end, next_start in [(m.start(), m.end()) for m in _SEPARATOR.finditer(text)] + [(len(text), 0)]:
+        piece = text[start:end]
+        first = start + len(piece) - len(piece.lstrip(_SENTENCE_EDGES))
+        last = start + len(piece.rstrip(_SENTENCE_EDGES))
+        if first < last:
+            spans.append((first, last))
+        start = next_start
+    return spans
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of an R2Gen-cleaned report (``"a . b ."``), lower-cased with blanks collapsed: the
+    text of :func:`sentence_spans`."""
+    return [" ".join(text[start:end].split()).lower() for start, end in sentence_spans(text)]
+
+
+def shared_sentences(generated: str, reference: str) -> set[str]:
+    """The sentences (as :func:`split_sentences` gives them) found in both reports: those the HTML page
+    of ``evaluate --html`` and the notebooks mark."""
+    return set(split_sentences(generated)) & set(split_sentences(reference))
+
+
 def is_empty_report(cleaned: str) -> bool:
     """True when a cleaned report holds no word at all (the rules turn ``""`` into ``" ."``)."""
     return not any(char.isalnum() for char in cleaned)

@@ -8,17 +8,29 @@ anatomy and exposure (:class:`Patient`).
 * pneumothorax (left/right) — lucent rim without lung markings along apex and lateral wall, with a
   thin visceral pleural line;
 * lung nodule — a small round opacity; support device — a bright line or tube (ETT, CVC, PICC, NG).
+
+Given a ``regions`` dict, each renderer also records where it drew each finding (:data:`Regions`): the
+bounding box of the finding's own mask (fluid, consolidation, pneumothorax rim, nodule, the heart for
+cardiomegaly) where it exceeds :data:`REGION_THRESHOLD`, and one box per segment of a device's path
+(widened by the tube's width and one pixel). Recording draws no random number and changes no pixel.
+The lateral view shows no pneumothorax, so it records none; its effusion and consolidation boxes are
+shared by both sides.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import pairwise
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from mambaxray_ctl.demo.findings import Findings
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in [0, 1]: x to the image's right, y down
+Regions = dict[str, list[Box]]  # label name (findings.LABEL_NAMES) -> boxes whose union it is drawn in
+REGION_THRESHOLD = 0.25  # a finding's mask above this changes the image by more than ~20 grey levels
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,33 @@ def _lines(size: int, polylines: list[list[tuple[float, float]]], width: float) 
     return np.asarray(layer, dtype=np.float32) / 255.0
 
 
+def _mask_boxes(mask: np.ndarray) -> list[Box]:
+    """The bounding box of ``mask > REGION_THRESHOLD`` in normalised coordinates (pixel edges); none if
+    empty."""
+    inside = mask > REGION_THRESHOLD
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    if not len(rows):
+        return []
+    height, width = mask.shape
+    return [(cols[0] / width, rows[0] / height, (cols[-1] + 1) / width, (rows[-1] + 1) / height)]
+
+
+def _path_boxes(points: list[tuple[float, float]], width: float, size: int) -> list[Box]:
+    """One box per segment of a polyline drawn ``width`` wide by :func:`_lines` on a ``size``-pixel
+    image (whole pixels, blurred by one more), clipped to the image."""
+    half = (max(1, round(width * size)) / 2 + 1) / size
+    boxes = []
+    for (ax, ay), (bx, by) in pairwise(points):
+        box = (min(ax, bx) - half, min(ay, by) - half, max(ax, bx) + half, max(ay, by) + half)
+        boxes.append(tuple(float(np.clip(value, 0.0, 1.0)) for value in box))
+    return boxes
+
+
+def _record(regions: Regions | None, label: str, boxes: list[Box]) -> None:
+    if regions is not None:
+        regions.setdefault(label, []).extend(tuple(round(float(v), 4) for v in box) for box in boxes)
+
+
 def _texture(size: int, rng: np.random.Generator, cells: int = 8) -> np.ndarray:
     """Smooth low-frequency noise in [-1, 1]."""
     coarse = Image.fromarray(rng.uniform(-1, 1, (cells, cells)).astype(np.float32), mode="F")
@@ -152,8 +191,11 @@ _ZONE_V = {"upper": -0.45, "mid": 0.0, "lower": 0.4}
 _SIZE_SCALE = {"small": 0.0, "moderate": 0.5, "large": 1.0}
 
 
-def render_frontal(findings: Findings, patient: Patient, size: int, rng: np.random.Generator) -> np.ndarray:
-    """PA view as uint8 (size, size); patient's right on the image's left."""
+def render_frontal(
+    findings: Findings, patient: Patient, size: int, rng: np.random.Generator, regions: Regions | None = None
+) -> np.ndarray:
+    """PA view as uint8 (size, size); patient's right on the image's left. ``regions``: filled with
+    where each finding is drawn (module docstring)."""
     x, y = _grid(size)
     edge = 1.5 / size
     p, cx = patient, patient.centre
@@ -166,6 +208,8 @@ def render_frontal(findings: Findings, patient: Patient, size: int, rng: np.rand
     bones = 0.05 * (np.abs(x - cx) < 0.035)  # spine
     heart_hw = p.ctr * 0.30 * p.size
     heart = _ellipse(x, y, cx + heart_hw / 3, 0.62, heart_hw, 0.6 * heart_hw + 0.03, 3 * edge)
+    if findings.cardiomegaly:
+        _record(regions, "cardiomegaly", _mask_boxes(heart))
     heart = np.maximum(heart, _ellipse(x, y, cx + 0.055, 0.33, 0.035, 0.03, 3 * edge))  # aortic knob
     lungs = {}
     for side, sign, dome in (("right", -1.0, p.dome_right), ("left", 1.0, p.dome_left)):
@@ -179,13 +223,16 @@ def render_frontal(findings: Findings, patient: Patient, size: int, rng: np.rand
         if side in findings.effusion:
             h = 0.09 + 0.17 * _SIZE_SCALE[findings.effusion[side]]
             top = dome - h * (0.6 + 0.6 * np.clip(u, -0.5, 1.0))
-            air *= 1.0 - 0.95 * _soft(top - y, 0.02)
+            fluid = _soft(top - y, 0.02)
+            air *= 1.0 - 0.95 * fluid
+            _record(regions, f"pleural_effusion_{side}", _mask_boxes(lung * fluid))
         if side in findings.pneumothorax:
             scale = _SIZE_SCALE[findings.pneumothorax[side]]
             w = 0.18 + 0.14 * scale
             rho = np.sqrt(u**2 + v**2)
             region = (np.clip((u + 0.2) / 0.3, 0, 1) * np.clip((0.45 - v) / 0.3, 0, 1)) > 0.5
             rim = lung * region * (rho > 1.0 - w)
+            _record(regions, f"pneumothorax_{side}", _mask_boxes(rim))
             collapse = 0.2 + 0.15 * scale  # the deflated lung is denser
             air = np.where(rim > 0, 1.3 * lung, air * (1.0 - collapse))
             bones = bones + 0.2 * lung * region * (np.abs(rho - (1.0 - w)) * a < 1.2 / size)
@@ -193,11 +240,15 @@ def render_frontal(findings: Findings, patient: Patient, size: int, rng: np.rand
             lobe_side, level = lobe.split()
             if lobe_side == side:
                 lu, lv = _LOBE_FRONTAL[level]
-                air *= 1.0 - 0.85 * _patchy(x, y, lc + sign * lu * a, 0.50 + lv * b, lesions)
+                patch = _patchy(x, y, lc + sign * lu * a, 0.50 + lv * b, lesions)
+                air *= 1.0 - 0.85 * patch
+                _record(regions, f"consolidation_{side}_{level}_lobe", _mask_boxes(lung * patch))
         if findings.nodule and findings.nodule[0] == side:
             radius = 0.0017 * findings.nodule[2]
             nx, ny = lc + sign * lesions.uniform(-0.3, 0.45) * a, 0.50 + _ZONE_V[findings.nodule[1]] * b
-            air *= 1.0 - 0.9 * _ellipse(x, y, nx, ny, radius, radius, 2 * edge)
+            nodule = _ellipse(x, y, nx, ny, radius, radius, 2 * edge)
+            air *= 1.0 - 0.9 * nodule
+            _record(regions, "lung_nodule", _mask_boxes(nodule))
         lungs[side] = air
         # ribs: bands curving down laterally, and a clavicle
         phase = (y + 0.35 * np.abs(x - cx) - 1.1 * (x - cx) ** 2) / 0.065 + p.rib_phase
@@ -213,11 +264,15 @@ def render_frontal(findings: Findings, patient: Patient, size: int, rng: np.rand
     if findings.device:
         path = [(cx + px, py) for px, py in _DEVICE_PATHS_FRONTAL[findings.device]]
         density = density + 0.4 * _lines(size, [path], _DEVICE_WIDTH[findings.device])
+        _record(regions, "support_device", _path_boxes(path, _DEVICE_WIDTH[findings.device], size))
     return _to_uint8(density, patient, rng)
 
 
-def render_lateral(findings: Findings, patient: Patient, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Lateral view as uint8 (size, size); anterior on the image's left."""
+def render_lateral(
+    findings: Findings, patient: Patient, size: int, rng: np.random.Generator, regions: Regions | None = None
+) -> np.ndarray:
+    """Lateral view as uint8 (size, size); anterior on the image's left. ``regions``: filled with
+    where each finding is drawn (module docstring)."""
     x, y = _grid(size)
     edge = 1.5 / size
     p = patient
@@ -228,18 +283,29 @@ def render_lateral(findings: Findings, patient: Patient, size: int, rng: np.rand
     air = lung * (1.0 - 0.5 * _markings(size, 0.5, 0.45, rng))
     heart_a = 0.11 * p.ctr / 0.44
     heart = _ellipse(x, y, 0.36, 0.60, heart_a, 0.13, 3 * edge)
+    if findings.cardiomegaly:
+        _record(regions, "cardiomegaly", _mask_boxes(heart))
     air *= 1.0 - 0.8 * heart
     if findings.effusion:
         largest = max(_SIZE_SCALE[s] for s in findings.effusion.values())
         h = 0.06 + 0.12 * largest + 0.04 * (len(findings.effusion) - 1)
         top = dome - h * (0.7 + 0.8 * np.clip((x - 0.5) / 0.25, 0.0, 1.0))
-        air *= 1.0 - 0.95 * _soft(top - y, 0.02)
+        fluid = _soft(top - y, 0.02)
+        air *= 1.0 - 0.95 * fluid
+        for side in findings.effusion:
+            _record(regions, f"pleural_effusion_{side}", _mask_boxes(lung * fluid))
     for level in sorted({lobe.split()[1] for lobe in findings.consolidation}):
-        air *= 1.0 - 0.75 * _patchy(x, y, *_LOBE_LATERAL[level], lesions)
+        patch = _patchy(x, y, *_LOBE_LATERAL[level], lesions)
+        air *= 1.0 - 0.75 * patch
+        for lobe in findings.consolidation:
+            if lobe.split()[1] == level:
+                _record(regions, f"consolidation_{lobe.replace(' ', '_')}_lobe", _mask_boxes(lung * patch))
     if findings.nodule:
         radius = 0.0017 * findings.nodule[2]
         ny = 0.48 + _ZONE_V[findings.nodule[1]] * 0.33
-        air *= 1.0 - 0.9 * _ellipse(x, y, lesions.uniform(0.38, 0.68), ny, radius, radius, 2 * edge)
+        nodule = _ellipse(x, y, lesions.uniform(0.38, 0.68), ny, radius, radius, 2 * edge)
+        air *= 1.0 - 0.9 * nodule
+        _record(regions, "lung_nodule", _mask_boxes(nodule))
     spine_x = 0.5 + 0.3 * p.size
     vertebrae = (np.abs(x - spine_x) < 0.05) * (0.6 + 0.4 * (np.cos(2 * np.pi * y / 0.065) > -0.6))
     sternum = _lines(size, [[(0.5 - 0.33 * p.size, 0.2), (0.5 - 0.35 * p.size, 0.6)]], 0.012)
@@ -248,4 +314,5 @@ def render_lateral(findings: Findings, patient: Patient, size: int, rng: np.rand
     if findings.device:
         path = _DEVICE_PATHS_LATERAL[findings.device]
         density = density + 0.4 * _lines(size, [path], _DEVICE_WIDTH[findings.device])
+        _record(regions, "support_device", _path_boxes(path, _DEVICE_WIDTH[findings.device], size))
     return _to_uint8(density, patient, rng)

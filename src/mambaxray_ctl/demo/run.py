@@ -12,7 +12,9 @@ DATA=demo`` / ``make predict DATA=demo`` performs, with the same config files; p
 pipeline's checkpoint rule (stage 3's best ``val/score`` checkpoint).
 
 Writes ``<out>/metrics.json`` and prints the table. The learning target: macro clinical F1
-≥ 0.70 and at least 0.25 above the baseline.
+≥ 0.70 and at least 0.25 above the baseline. Then the pointing game of the sentence heat maps on the
+first ``--pointing-studies`` test studies (:mod:`mambaxray_ctl.demo.pointing`), beside its baselines,
+under ``"pointing_game"`` in ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mambaxray_ctl.demo.pointing import DEFAULT_STUDIES, format_pointing_table, run_pointing_game
 from mambaxray_ctl.pipeline import (
     STAGE2,
     STAGE3,
@@ -59,6 +62,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="only generate the world and its text models, or rebuild those of an older version",
     )
     parser.add_argument(
+        "--pointing-studies",
+        type=int,
+        default=DEFAULT_STUDIES,
+        help="test studies of the heat-map pointing game (default: %(default)s; 0: skip it)",
+    )
+    parser.add_argument(
         "--override",
         action="append",
         default=[],
@@ -78,7 +87,13 @@ def demo_pipeline(configs: Path, data: Path, out: Path) -> Pipeline:
 def prepare_demo_data(data: Path, studies: int, seed: int, timings: dict[str, float]) -> bool:
     """Generate the world and build its text models unless current; False on failure."""
     from mambaxray_ctl.demo.text_models import build_text_models
-    from mambaxray_ctl.demo.world import WORLD_VERSION, describe_world, generate_world
+    from mambaxray_ctl.demo.world import (
+        REGIONS_FILE,
+        WORLD_VERSION,
+        add_regions,
+        describe_world,
+        generate_world,
+    )
 
     annotation = data / "annotation.json"
     rebuild_text = False
@@ -89,6 +104,12 @@ def prepare_demo_data(data: Path, studies: int, seed: int, timings: dict[str, fl
             _timed("synthetic world", timings, lambda: generate_world(data, n=studies, seed=seed))
             print(describe_world(annotation))
             rebuild_text = True
+        elif not (data / REGIONS_FILE).is_file():
+            print(
+                f"{data}: no {REGIONS_FILE} (a world made before regions were recorded), adding it",
+                file=sys.stderr,
+            )
+            _timed("regions of the findings", timings, lambda: add_regions(data, seed))
         if rebuild_text or not _text_models_current(data / "text", WORLD_VERSION):
             _timed("text models", timings, lambda: build_text_models(annotation, data / "text"))
     except (OSError, ValueError) as exc:
@@ -219,12 +240,25 @@ def run(args: argparse.Namespace) -> int:
         "wall_time_s": timings,
         "command": " ".join(["mambaxray-ctl", "demo", *sys.argv[2:]]),
     }
+    if args.pointing_studies > 0:
+        summary["pointing_game"] = _timed(
+            "pointing game",
+            timings,
+            lambda: _pointing_game(predictions, data, args.pointing_studies, args.seed),
+        )
+        timings["total"] = round(time.perf_counter() - start, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     print(format_table(ours, "demo", "MambaXray-CTL (demo)"))
     print(format_table(blind, "demo", "image-blind baseline (most frequent training report)"))
     print(per_finding_table(ours, blind))
+    pointing = summary.get("pointing_game", {})
+    if "error" in pointing:
+        print(f"\npointing game not measured: {pointing['error']}")
+    elif pointing:
+        print(f"\npointing game of the sentence heat maps (hit rate; {pointing['checkpoint']}):")
+        print(format_pointing_table(pointing))
     verdict = "MET" if met else "MISSED"
     print(
         f"\nmacro clinical F1 {ours['CE_F1_macro']:.3f} vs baseline {blind['CE_F1_macro']:.3f} "
@@ -232,6 +266,21 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wall time {timings['total']:.0f} s; written: {out / 'metrics.json'}")
     return 0
+
+
+def _pointing_game(predictions: Path, data: Path, studies: int, seed: int) -> dict[str, Any]:
+    """The pointing game of the checkpoint the predictions were made with (their rows record it), or
+    ``{"error": ...}`` saying why it could not be measured (the rest of the demo stands)."""
+    from mambaxray_ctl.evaluation.evaluate import read_prediction_rows
+
+    try:
+        checkpoint = read_prediction_rows(predictions)[0].get("checkpoint")
+        if not checkpoint:
+            raise ValueError(f"{predictions}: its rows do not record the checkpoint they were made with")
+        return run_pointing_game(checkpoint, predictions, data, studies, seed)
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"mambaxray-ctl demo: pointing game: error: {exc}", file=sys.stderr)
+        return {"error": str(exc)}
 
 
 def per_finding_table(ours: dict[str, float], blind: dict[str, float]) -> str:

@@ -1,4 +1,5 @@
-"""``mambaxray-ctl generate``: write the report of one study from its image files with a stage-3 checkpoint.
+"""``mambaxray-ctl generate``: write the report of one study from its image files with a stage-3 checkpoint
+or model export.
 
 ``mambaxray-ctl generate --ckpt runs/stage3/version_0/checkpoints/last.ckpt front.png lateral.png``
 treats every IMAGE as one view of the same study. Each file is decoded with
@@ -6,10 +7,14 @@ treats every IMAGE as one view of the same study. Each file is decoded with
 resized and normalised by the DataModule's own :class:`~mambaxray_ctl.data.images.EvalTransform`:
 at the image size and with the mean/std the checkpoint's DataModule was trained with (recorded by
 Lightning in the checkpoint), else at the backbone's ``config.img_size`` with the ImageNet
-statistics. The report goes to stdout; notes go to stderr.
+statistics. The report goes to stdout; notes go to stderr. ``--explain OUT_DIR`` also writes a heat map
+per sentence and view there (:mod:`mambaxray_ctl.evaluation.explain`).
 
-Stage-3 checkpoints leave out the frozen LM, which is loaded again from the folder recorded in the
-checkpoint's hyper-parameters (``lm.name``); ``--llm PATH`` replaces that folder when it has moved.
+``--ckpt`` takes a Lightning ``.ckpt`` of a stage-3 run or its model export, ``model.safetensors``
+(:mod:`mambaxray_ctl.stages.export`), whose metadata holds the same hyper-parameters. Both leave out
+the frozen LM, which is loaded again from the folder recorded in the hyper-parameters (``lm.name``);
+``--llm PATH`` replaces that folder when it has moved. A model trained with a 4-bit LM
+(``lm.quantization: nf4``) loads it the same way, which needs ``--device cuda``, a CUDA GPU and bitsandbytes.
 Decoding is the checkpoint's (beam search, deterministic) unless ``--num-beams`` etc. change it.
 Checkpoints written before the stage arguments were grouped are read with their names upgraded.
 """
@@ -27,6 +32,7 @@ import torch
 from torch import Tensor
 
 from mambaxray_ctl.compat import upgrade_stage3_hparams
+from mambaxray_ctl.data.cleaning import split_sentences
 from mambaxray_ctl.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -61,7 +67,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "images", nargs="+", type=Path, metavar="IMAGE", help="image files, one per view of ONE study"
     )
-    parser.add_argument("--ckpt", required=True, type=Path, help="stage-3 Lightning checkpoint (.ckpt)")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        type=Path,
+        help="stage-3 Lightning checkpoint (.ckpt) or model export (model.safetensors)",
+    )
     parser.add_argument(
         "--llm",
         default=None,
@@ -75,6 +86,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--min-new-tokens", type=_non_negative_int, default=None, help="default: the checkpoint's"
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
+    parser.add_argument(
+        "--explain",
+        type=Path,
+        default=None,
+        metavar="OUT_DIR",
+        help="also write one heat map per sentence and view into OUT_DIR (PNG overlays, index.html)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -101,6 +119,21 @@ def _torch_load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) serialisation
 
 
+def _read_checkpoint(path: Path) -> Any:
+    """A ``.ckpt`` (:func:`_torch_load`), or a model export as the same dict.
+
+    :raises GenerateError: a ``.safetensors`` file that is not a readable model export.
+    """
+    from mambaxray_ctl.stages.export import ModelExportError, is_model_export_path, read_model_export
+
+    if not is_model_export_path(path):
+        return _torch_load(path)
+    try:
+        return read_model_export(path)
+    except ModelExportError as exc:
+        raise GenerateError(str(exc)) from exc
+
+
 def _is_stage3_class(class_path: str) -> bool:
     """True for ReportGenModule or an already imported subclass of it (nothing is imported here)."""
     from mambaxray_ctl.stages.reportgen import ReportGenModule
@@ -115,23 +148,27 @@ def _prefixes(keys: Sequence[str]) -> list[str]:
 
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
-    """Read ``path`` (memory-mapped, ``weights_only``) and check that a stage-3 module wrote it.
+    """Read ``path`` (a ``.ckpt`` memory-mapped with ``weights_only``, or a model export) and check that a
+    stage-3 module wrote it.
 
-    :raises GenerateError: the file is missing, not a Lightning checkpoint, or written by another class.
+    :raises GenerateError: the file is missing, not a Lightning checkpoint nor a model export, or
+        written by another class.
     """
     path = Path(path)
     if not path.is_file():
         raise GenerateError(f"checkpoint not found: {path}")
     try:
-        checkpoint = _torch_load(path)
+        checkpoint = _read_checkpoint(path)
+    except GenerateError:
+        raise
     except Exception as exc:  # pickle, zip and weights_only errors come in many types
         raise GenerateError(
             f"cannot read checkpoint {path} as a Lightning .ckpt ({type(exc).__name__}: {exc})"
         ) from exc
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise GenerateError(
-            f"{path} is not a Lightning checkpoint (no 'state_dict'); generate needs the stage-3 "
-            "checkpoints/*.ckpt of a run, not a backbone export"
+            f"{path} is not a Lightning checkpoint (no 'state_dict'); generate needs a stage-3 run's "
+            "checkpoints/*.ckpt or its model.safetensors, not a backbone export"
         )
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     hparams = upgrade_stage3_hparams(hparams)
@@ -161,7 +198,9 @@ def load_module(info: CheckpointInfo, llm: str | None = None, device: str = "cpu
     """The stage-3 module of a checked checkpoint, in eval mode on ``device``; ``llm`` replaces the LM
     folder recorded in it.
 
-    :raises GenerateError: the LM folder is missing, or the weights do not fit the module.
+    :raises GenerateError: the LM folder is missing, the LM cannot be built here (a 4-bit LM,
+        ``lm.quantization``, needs ``device="cuda"``, a CUDA GPU and bitsandbytes), or the weights do not
+        fit the module.
     """
     from mambaxray_ctl.stages.reportgen import ReportGenModule
 
@@ -170,6 +209,13 @@ def load_module(info: CheckpointInfo, llm: str | None = None, device: str = "cpu
     hparams = {name: value for name, value in info.hparams.items() if not name.startswith("_")}
     if llm is not None:
         hparams["lm"] = {**hparams["lm"], "name": str(llm)}
+    quantization = hparams["lm"].get("quantization")
+    if quantization is not None and device != "cuda":
+        raise GenerateError(
+            f"checkpoint {info.path} has a 4-bit report LM (lm.quantization={quantization!r}), which runs on "
+            "CUDA only: pass --device cuda on a machine with a CUDA GPU and bitsandbytes "
+            "(pip install 'mambaxray-ctl[quant]')"
+        )
     try:
         module = ReportGenModule(**hparams)
     except (FileNotFoundError, OSError) as exc:
@@ -179,7 +225,9 @@ def load_module(info: CheckpointInfo, llm: str | None = None, device: str = "cpu
         raise GenerateError(
             f"checkpoint {info.path}: its hyper-parameters do not build ReportGenModule: {exc}"
         ) from exc
-    checkpoint = _torch_load(info.path)
+    except (RuntimeError, ImportError) as exc:  # what this machine lacks: CUDA, bitsandbytes, peft
+        raise GenerateError(f"checkpoint {info.path}: cannot build its model here: {exc}") from exc
+    checkpoint = _read_checkpoint(info.path)
     try:
         module.on_load_checkpoint(checkpoint)  # checks that only the frozen LM is missing
         module.load_state_dict(checkpoint["state_dict"], strict=False)
@@ -250,6 +298,13 @@ def run(args: argparse.Namespace) -> int:
                 f"min_new_tokens={decoding.min_new_tokens} exceeds max_new_tokens={decoding.max_new_tokens}"
             )
         report = generate_report(module, images, view_mask, decoding)
+        if args.explain is not None:
+            from mambaxray_ctl.evaluation.explain import explain_study
+
+            try:
+                page = explain_study(module, images[0], view_mask[0], report, args.images, args.explain)
+            except (OSError, ValueError) as exc:
+                raise GenerateError(f"cannot write the heat maps to {args.explain}: {exc}") from exc
     except GenerateError as exc:
         print(f"mambaxray-ctl generate: error: {exc}", file=sys.stderr)
         return 1
@@ -259,5 +314,7 @@ def run(args: argparse.Namespace) -> int:
         f"{decoding.num_beams} beam(s), {decoding.min_new_tokens}-{decoding.max_new_tokens} new tokens",
         file=sys.stderr,
     )
+    if args.explain is not None:
+        print(f"heat maps of {len(split_sentences(report))} sentence(s): {page}", file=sys.stderr)
     print(report)
     return 0

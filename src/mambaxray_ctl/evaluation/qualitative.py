@@ -1,8 +1,9 @@
 """Qualitative inspection of stage-3 results: the logic behind ``notebooks/01-*`` and ``notebooks/02-*``.
 
 * Reports (the paper's Fig. 2): :func:`load_predictions` reads a ``predictions.jsonl``,
-  :func:`rank_by_bleu4` orders its studies by sentence BLEU-4, :func:`shared_sentences` finds the
-  sentences a generated report shares with its reference, :func:`highlight_html` /
+  :func:`rank_by_bleu4` orders its studies by sentence BLEU-4,
+  :func:`~mambaxray_ctl.data.cleaning.shared_sentences` finds the sentences a generated report shares
+  with its reference (the ones ``evaluate --html`` marks too), :func:`highlight_html` /
   :func:`highlight_table_html` mark them in HTML and :func:`show_study` draws a study's images
   beside both texts, shared sentences highlighted.
 * Embedding space (the paper's Fig. 3): :func:`collect_embeddings` (from
@@ -32,6 +33,7 @@ import torch
 
 from mambaxray_ctl.callbacks.embeddings import collect_embeddings
 from mambaxray_ctl.compat import upgrade_stage3_hparams
+from mambaxray_ctl.data.cleaning import shared_sentences, split_sentences
 from mambaxray_ctl.data.images import IMAGE_SUFFIXES, load_image
 from mambaxray_ctl.evaluation.evaluate import read_prediction_rows
 
@@ -47,24 +49,21 @@ DEMO_ROOT = "outputs/demo"
 RUNS_ROOT = "outputs"
 HIGHLIGHT = "#ffe066"  # the colour of shared sentences, in HTML and in figures
 _PATH_PARAMETERS = frozenset(
-    {"PREDICTIONS", "IMAGE_ROOT", "ANNOTATION", "FIGURE_DIR", "CKPT_CTL", "CKPT_NO_CTL", "LLM", "DEMO_ROOT"}
+    {
+        "PREDICTIONS",
+        "IMAGE_ROOT",
+        "ANNOTATION",
+        "FIGURE_DIR",
+        "CKPT_CTL",
+        "CKPT_NO_CTL",
+        "LLM",
+        "DEMO_ROOT",
+        "WORLD",
+    }
 )
 
 
 # Sentences -----------------------------------------------------------------------------------------------
-def split_sentences(text: str) -> list[str]:
-    """Sentences of an R2Gen-cleaned report (``"a . b ."``): split on ``" . "``, lower-cased, spaces
-    collapsed, final periods dropped, empty sentences left out."""
-    text = " ".join(text.split()).lower().rstrip(" .")
-    sentences = (sentence.strip(" .") for sentence in text.split(" . "))
-    return [sentence for sentence in sentences if sentence]
-
-
-def shared_sentences(generated: str, reference: str) -> set[str]:
-    """The sentences (as :func:`split_sentences` gives them) found in both reports."""
-    return set(split_sentences(generated)) & set(split_sentences(reference))
-
-
 def _marked_sentences(text: str, shared: set[str]) -> str:
     parts = []
     for sentence in split_sentences(text):
@@ -446,8 +445,8 @@ def notebook_parameters(env: Mapping[str, str] | None = None, **defaults: Any) -
     variable when set (converted to the default's type for ints, floats and bools).
 
     Path parameters (``PREDICTIONS``, ``IMAGE_ROOT``, ``ANNOTATION``, ``FIGURE_DIR``, ``CKPT_CTL``,
-    ``CKPT_NO_CTL``, ``LLM``, ``DEMO_ROOT``) become :class:`Path` objects, relative ones taken from the
-    project root. ``None`` for ``PREDICTIONS`` / ``CKPT_CTL`` means the ``make demo`` artefact
+    ``CKPT_NO_CTL``, ``LLM``, ``DEMO_ROOT``, ``WORLD``) become :class:`Path` objects, relative ones taken
+    from the project root. ``None`` for ``PREDICTIONS`` / ``CKPT_CTL`` means the ``make demo`` artefact
     (:func:`demo_artefacts` of ``DEMO_ROOT``); for ``CKPT_NO_CTL``, the newest stage-3 run without
     CTL-FT under ``outputs/`` (:func:`find_stage3_checkpoint`). Other ``None`` values stay ``None``.
     """

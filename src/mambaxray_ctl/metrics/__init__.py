@@ -1,5 +1,6 @@
 """Metrics: report-generation language metrics with R2Gen's protocol, clinical efficacy (with the
-``Labeler`` interface a findings labeller implements) and image–report retrieval recall.
+``Labeler`` interface a findings labeller implements, and the built-in CheXbert labeller) and image–report
+retrieval recall.
 
 Names are imported lazily (``from mambaxray_ctl.metrics import ReportMetrics`` works), so that
 importing the package does not pull in torchmetrics.
@@ -27,7 +28,9 @@ _EXPORTS = {
         "clinical_scores",
         "label_reports",
         "load_labeler",
+        "subset_scores",
     ),
+    "chexbert": ("CheXbertLabeler",),
     "retrieval": ("RetrievalRecall",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

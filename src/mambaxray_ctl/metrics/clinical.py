@@ -2,13 +2,14 @@
 the same labeller run on the reference reports (R2Gen's ``compute_ce.py`` recipe,
 docs/METHOD.md#clinical-efficacy).
 
-No labeller for real reports ships with this package. To use CheXbert or the CheXpert labeler,
-write a class with the :class:`Labeler` interface — a ``label_names`` attribute and
+Built in: ``chexbert`` (:class:`~mambaxray_ctl.metrics.chexbert.CheXbertLabeler`, the field's
+labeller for real reports, given a checkpoint file and a BERT tokenizer folder) and ``demo``, which only
+understands the reports of the synthetic demo world. Another labeller (the CheXpert labeler, say) is a
+class with the :class:`Labeler` interface — a ``label_names`` attribute and
 ``__call__(reports) -> list[list[int]]`` with 1 for a positive finding and 0 for negative,
-uncertain (-1) or unmentioned — whose constructor takes no arguments (read weights paths from
-environment variables or a config file), and pass it as ``package.module:ClassName`` (``--labeler``
-of ``mambaxray-ctl evaluate``, or stage 3's ``evaluation.labeler``). The ``demo`` labeler only
-understands the reports of the synthetic demo world.
+uncertain (-1) or unmentioned — passed as ``package.module:ClassName`` (``--labeler`` of
+``mambaxray-ctl evaluate``, or stage 3's ``evaluation.labeler``); :func:`load_labeler` passes its
+constructor the options it is given (none from stage 3's config).
 
 Zero division follows scikit-learn's ``zero_division=0``: a label with no predicted positives has
 precision 0, one with no reference positives has recall 0, and F1 is 0 whenever precision and
@@ -19,8 +20,9 @@ Macro = unweighted mean of the per-label values; micro pools the counts over lab
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
-from typing import Any, Protocol
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -45,24 +47,40 @@ class Labeler(Protocol):
     def __call__(self, reports: Sequence[str]) -> list[list[int]]: ...
 
 
-BUILTIN_LABELERS = {"demo": "mambaxray_ctl.demo.labeller:DemoWorldLabeler"}
+# What a labeller that tells uncertain mentions apart counts them as (CheXbert's ``uncertain`` option,
+# ``--labeler-uncertain``); here, not in metrics.chexbert, so that naming the choices imports no BERT.
+UncertainAs = Literal["negative", "positive"]
+UNCERTAIN_CHOICES: tuple[UncertainAs, ...] = ("negative", "positive")
+
+BUILTIN_LABELERS = {
+    "chexbert": "mambaxray_ctl.metrics.chexbert:CheXbertLabeler",
+    "demo": "mambaxray_ctl.demo.labeller:DemoWorldLabeler",
+}
 
 
-def load_labeler(spec: str) -> Labeler:
-    """A name in :data:`BUILTIN_LABELERS` or ``"package.module:ClassName"`` (instantiated without
-    arguments)."""
+def load_labeler(spec: str, **options: Any) -> Labeler:
+    """A name in :data:`BUILTIN_LABELERS` or ``"package.module:ClassName"``, built with ``options`` as
+    keyword arguments (:raises ValueError: when its constructor does not take them)."""
     spec = BUILTIN_LABELERS.get(spec, spec)
     module_name, sep, class_name = spec.partition(":")
     if not sep or not module_name or not class_name:
-        raise ValueError(f"unknown labeler {spec!r}: use 'demo' or 'package.module:ClassName'")
+        raise ValueError(f"unknown labeler {spec!r}: use 'chexbert', 'demo' or 'package.module:ClassName'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"labeler {spec!r}: cannot import module {module_name!r} ({exc})") from exc
     try:
-        labeler = getattr(module, class_name)()
+        cls = getattr(module, class_name)
     except AttributeError as exc:
         raise ValueError(f"labeler {spec!r}: module {module_name!r} has no {class_name!r}") from exc
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError as exc:
+        given = ", ".join(sorted(options)) or "no options"
+        raise ValueError(f"labeler {spec!r} cannot be built with {given}: {exc}") from None
+    except ValueError:
+        pass  # no signature to check (a builtin type): calling it reports what is wrong
+    labeler = cls(**options)
     if not callable(labeler) or not hasattr(labeler, "label_names"):
         raise ValueError(f"labeler {spec!r} needs a 'label_names' attribute and __call__(reports)")
     return labeler
@@ -122,6 +140,29 @@ def clinical_scores(pred: Any, ref: Any, label_names: Sequence[str]) -> dict[str
     for kind in ("F1", "precision", "recall"):
         scores.update(
             {f"CE_{kind}/{name}": float(v) for name, v in zip(label_names, per_label[kind], strict=True)}
+        )
+    return scores
+
+
+def subset_scores(
+    pred: Any, ref: Any, label_names: Sequence[str], subsets: Mapping[str, Sequence[str]]
+) -> dict[str, float]:
+    """Micro and macro CE precision/recall/F1 (:func:`clinical_scores`) over each named subset of the
+    labels, keyed ``CE{name}_{kind}_{average}`` (``CE5_F1_micro`` for the subset ``"5"``)."""
+    pred, ref = _binary_matrix(pred, "pred"), _binary_matrix(ref, "ref")
+    scores = {}
+    for name, subset in subsets.items():
+        unknown = sorted(set(subset) - set(label_names))
+        if unknown:
+            raise ValueError(f"label subset {name!r} names labels the labeller lacks: {', '.join(unknown)}")
+        columns = [list(label_names).index(label) for label in subset]
+        subset_result = clinical_scores(pred[:, columns], ref[:, columns], subset)
+        scores.update(
+            {
+                f"CE{name}_{key.removeprefix('CE_')}": value
+                for key, value in subset_result.items()
+                if key.endswith(("_micro", "_macro"))
+            }
         )
     return scores
 

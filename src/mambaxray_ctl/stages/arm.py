@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -16,9 +17,11 @@ from mambaxray_ctl.stages.pretraining import (
     PRETRAIN_BACKBONE,
     PRETRAIN_OPTIMIZER,
     check_image_size,
+    denormalize_patches,
     normalize_patches,
     patchify,
     require_sequence_backbone,
+    unpatchify,
 )
 from mambaxray_ctl.stages.specs import BackboneSpec, OptimizerSpec
 
@@ -138,6 +141,22 @@ class ARMModule(BackboneStage):
 
     def loss(self, images: Tensor) -> Tensor:
         return F.mse_loss(self(images), self.targets(images))
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> dict[str, Tensor]:
+        """For viewing (:class:`~mambaxray_ctl.callbacks.Reconstructions`): ``{"prediction": ...,
+        "target": images}``, both (B, C, H, W) in the input's space. The predicted patches of clusters
+        ``2..K`` are put back at their places in the image; cluster 1 (never predicted) is 0. With
+        ``norm_pix_loss`` each predicted patch gets its target patch's mean and std back."""
+        config = self.backbone.config
+        patches = patchify(images, config.patch_hw)
+        index = self.decoder.target_index
+        predicted = self(images).to(patches.dtype)
+        if self.hparams.norm_pix_loss:
+            predicted = denormalize_patches(predicted, patches[:, index])
+        full = torch.zeros_like(patches)
+        full[:, index] = predicted
+        return {"prediction": unpatchify(full, config.patch_hw, config.grid_size), "target": images}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(batch["images"])

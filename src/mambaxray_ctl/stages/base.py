@@ -4,8 +4,10 @@ the end of training, per-rank randomness, and the optimiser.
 :class:`BackboneStage` declares and reads the shared settings (:mod:`mambaxray_ctl.stages.specs`):
 ``backbone`` (:class:`BackboneSpec`), ``handoff`` (:class:`HandOff`), ``optimizer``
 (:class:`OptimizerSpec`) and ``export`` (write ``backbone.safetensors`` into the run directory at the
-end of training; not under ``fast_dev_run``). A stage declares its own settings and passes the rest
-on with ``**kwargs``; one whose defaults differ (stage 1's backbone and optimiser) declares those too.
+end of training, and stage 3's ``model.safetensors`` with its card; not under ``fast_dev_run``). Every
+checkpoint and export records the package version and git commit (:mod:`mambaxray_ctl.provenance`).
+A stage declares its own settings and passes the rest on with ``**kwargs``; one whose defaults differ
+(stage 1's backbone and optimiser) declares those too.
 
 Hand-off rule: ``handoff.source`` is loaded in ``setup("fit")`` only, so it never runs for
 ``validate/test/predict`` nor when the stage resumes from its own ``--ckpt_path`` (the CLI marks that
@@ -31,7 +33,8 @@ from mambaxray_ctl.backbone import LoadReport, VisionMamba, init_backbone_from, 
 from mambaxray_ctl.backbone.checkpoints import summarize_keys
 from mambaxray_ctl.distributed import all_gather_objects
 from mambaxray_ctl.ops.cuda import require_mamba_ssm
-from mambaxray_ctl.stages.sharding import float32_state_dict
+from mambaxray_ctl.provenance import provenance
+from mambaxray_ctl.stages.sharding import float32_state_dict, submodule_entries
 from mambaxray_ctl.stages.specs import BackboneSpec, HandOff, OptimizerSpec, Spec, as_spec, plain
 
 log = logging.getLogger(__name__)
@@ -109,6 +112,7 @@ class BackboneStage(LightningModule):
         if stage == "fit" and self.handoff.source and not self._skip_handoff:
             self.load_handoff(self.handoff.source)
         self.seed_rank()
+        provenance()  # found once per process, here: the commit of the code that runs, not at save time
 
     def load_handoff(self, source: str) -> LoadReport:
         """Load the backbone from a previous stage's export, a Lightning ``.ckpt`` or an official file."""
@@ -150,19 +154,35 @@ class BackboneStage(LightningModule):
             log.info("%s: fast_dev_run, the backbone is not exported", self.stage_name)
             return
         path = self.export_path()  # on every rank: a collective
-        state = float32_state_dict(self, "backbone")  # gathered under FSDP/DeepSpeed: every rank
-        if self.trainer.is_global_zero:
-            self._export(path, state)
+        state = self.export_state()  # gathered under FSDP/DeepSpeed: every rank
+        if self.trainer.is_global_zero:  # after every collective: a failed write leaves no rank waiting
+            self._export(path, submodule_entries(state, "backbone"))
+            self.export_more(path.parent, state)
 
-    def _export(self, path: Path, state: dict[str, Tensor]) -> None:
-        metadata = {
+    def export_state(self) -> dict[str, Tensor]:
+        """The float32 state every export is cut from, full names, gathered once
+        (:func:`~mambaxray_ctl.stages.sharding.float32_state_dict`: call on every rank): the backbone's;
+        stage 3 takes all it checkpoints."""
+        return float32_state_dict(self, prefix="backbone.")
+
+    def export_more(self, run_dir: Path, state: dict[str, Tensor]) -> None:
+        """A stage's further exports into ``run_dir``, from :meth:`export_state`'s ``state``, after the
+        backbone's and under its rules; rank 0 only. Stage 3 writes its model export."""
+
+    def export_metadata(self) -> dict[str, str]:
+        """What every export's metadata records (strings): stage, step, epoch, hand-off source and its
+        sha256, package version and git commit."""
+        return {
             "stage": self.stage_name,
             "global_step": str(self.global_step),
             "epoch": str(self.current_epoch),
             "init_from": str(self.handoff.source or ""),  # the export format's key (hand-off source)
             "init_sha256": self.init_report.sha256 if self.init_report else "",
+            **provenance(),  # package version and git commit
         }
-        saved, _ = save_backbone(state, self.backbone.config, path, metadata=metadata)
+
+    def _export(self, path: Path, state: dict[str, Tensor]) -> None:
+        saved, _ = save_backbone(state, self.backbone.config, path, metadata=self.export_metadata())
         log.info("%s: exported the backbone to %s", self.stage_name, saved)
 
     # Randomness per rank ------------------------------------------------------------------------------------
@@ -182,7 +202,8 @@ class BackboneStage(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store every rank's RNG states, so that a resumed run draws the same dropout/augmentation as
         an uninterrupted one on each rank (the data order is seeded per epoch by the DataModule's
-        sampler). Called on every rank; the states are gathered into the checkpoint rank 0 writes."""
+        sampler). Called on every rank; the states are gathered into the checkpoint rank 0 writes.
+        Also records the package version and git commit (:func:`~mambaxray_ctl.provenance.provenance`)."""
         states = {
             "torch": torch.get_rng_state(),
             "numpy": _numpy_state_to_torch(np.random.get_state()),
@@ -190,6 +211,7 @@ class BackboneStage(LightningModule):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         checkpoint["rng_states_per_rank"] = all_gather_objects(states)
+        checkpoint["provenance"] = provenance()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         per_rank = checkpoint.get("rng_states_per_rank")

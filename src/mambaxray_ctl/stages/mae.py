@@ -14,9 +14,11 @@ from mambaxray_ctl.stages.pretraining import (
     PRETRAIN_BACKBONE,
     PRETRAIN_OPTIMIZER,
     check_image_size,
+    denormalize_patches,
     normalize_patches,
     patchify,
     require_sequence_backbone,
+    unpatchify,
 )
 from mambaxray_ctl.stages.specs import BackboneSpec, OptimizerSpec
 
@@ -148,6 +150,27 @@ class MAEModule(BackboneStage):
             target = normalize_patches(target)
         per_patch = (self(images, keep) - target).pow(2).mean(dim=-1)
         return per_patch[masked].mean()
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> dict[str, Tensor]:
+        """For viewing (:class:`~mambaxray_ctl.callbacks.Reconstructions`), with a mask from the global RNG:
+        ``{"masked": the visible patches (hidden ones 0), "reconstruction": the predicted hidden patches
+        with the visible ones pasted back (as MAE's visualisation), "target": images}``, each
+        (B, C, H, W) in the input's space; with ``norm_pix_loss`` each predicted patch gets its
+        target patch's mean and std back."""
+        config = self.backbone.config
+        keep, masked = random_keep(images.shape[0], config.num_patches, self.num_keep, images.device)
+        patches = patchify(images, config.patch_hw)
+        predicted = self(images, keep).to(patches.dtype)
+        if self.hparams.norm_pix_loss:
+            predicted = denormalize_patches(predicted, patches)
+        hidden = masked[..., None]
+        panels = {
+            "masked": patches.masked_fill(hidden, 0.0),
+            "reconstruction": torch.where(hidden, predicted, patches),
+        }
+        layout = {name: unpatchify(p, config.patch_hw, config.grid_size) for name, p in panels.items()}
+        return {**layout, "target": images}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(batch["images"])

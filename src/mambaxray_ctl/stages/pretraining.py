@@ -61,3 +61,11 @@ def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
     mean = patches.mean(dim=-1, keepdim=True)
     var = patches.var(dim=-1, keepdim=True)
     return (patches - mean) / (var + eps).sqrt()
+
+
+def denormalize_patches(patches: Tensor, reference: Tensor, eps: float = 1e-6) -> Tensor:
+    """Inverse of :func:`normalize_patches` with the statistics of ``reference`` (the raw target
+    patches): a norm-pix prediction back in pixel space, for viewing (as MAE's visualisation demo)."""
+    mean = reference.mean(dim=-1, keepdim=True)
+    var = reference.var(dim=-1, keepdim=True)
+    return patches * (var + eps).sqrt() + mean

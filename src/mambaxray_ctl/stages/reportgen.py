@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -13,7 +14,9 @@ from torch import Tensor, nn
 from mambaxray_ctl.metrics.clinical import ClinicalEfficacy, label_reports, load_labeler
 from mambaxray_ctl.metrics.report import MeteorOption, ReportMetrics, truncate_references
 from mambaxray_ctl.stages.base import BackboneStage
+from mambaxray_ctl.stages.export import accept_model_exports, export_model
 from mambaxray_ctl.stages.losses import ContrastiveLoss
+from mambaxray_ctl.stages.sharding import float32_state_dict
 from mambaxray_ctl.text.llm import Decoding, LMSpec, ReportLM
 
 log = logging.getLogger(__name__)
@@ -88,7 +91,9 @@ class ReportGenModule(BackboneStage):
     code does.
 
     ``gradient_checkpointing`` recomputes the backbone blocks and the LM layers during backward.
-    Checkpoints leave out the frozen LM weights (they come from ``lm.name`` at load time).
+    Checkpoints leave out the frozen LM weights (they come from ``lm.name`` at load time); so does the
+    model export written at the end of ``fit`` (``model.safetensors`` + ``MODEL_CARD.md``,
+    :mod:`mambaxray_ctl.stages.export`).
     """
 
     stage_name = "stage3-reportgen"
@@ -252,11 +257,30 @@ class ReportGenModule(BackboneStage):
             self.log(f"{split}/{name}", value, prog_bar=name in {"BLEU_4", "score"}, sync_dist=True)
         return scores
 
-    # Checkpoints without the frozen LM ----------------------------------------------------------------------
+    # Checkpoints and the model export without the frozen LM -------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # --ckpt_path may name a model export in validate/test/predict; fit refuses it, saying why
+        accept_model_exports(self.trainer.strategy, stage)
+
+    def export_state(self) -> dict[str, Tensor]:
+        """All that a checkpoint holds (the frozen LM left out before any copy), the backbone export's
+        part included: one gathering for both exports."""
+        return float32_state_dict(self, exclude=self._frozen_llm_keys())
+
+    def export_more(self, run_dir: Path, state: dict[str, Tensor]) -> None:
+        """``model.safetensors`` and ``MODEL_CARD.md`` beside the backbone export
+        (:func:`~mambaxray_ctl.stages.export.export_model`)."""
+        export_model(self, run_dir, state)
+
     def _frozen_llm_keys(self) -> set[str]:
-        return {f"llm.{name}" for name, p in self.llm.named_parameters() if not p.requires_grad} | {
-            f"llm.{name}" for name, _ in self.llm.named_buffers()
-        }
+        """The state-dict keys of the frozen LM: what checkpoints and the model export leave out. Every
+        entry of the LM's state dict but its trainable parameters (LoRA adapters): tied weights under
+        each of their names, buffers, and what a layer adds to its state dict (bitsandbytes' 4-bit
+        layers: ``weight.absmax``, ``weight.quant_map``, ``weight.quant_state.*``, ...)."""
+        parameters = self.llm.named_parameters(remove_duplicate=False)
+        trainable = {f"llm.{name}" for name, p in parameters if p.requires_grad}
+        return {f"llm.{key}" for key in self.llm.state_dict(keep_vars=True)} - trainable
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop the frozen LM from the state dict (under DeepSpeed, ``exclude_frozen_parameters`` keeps it

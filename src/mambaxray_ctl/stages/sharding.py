@@ -12,14 +12,16 @@ root for the rest. No unit then mixes frozen and trainable, or bf16 and float32,
 frozen ``norm_f``; stage 3 drops its LM in ``on_save_checkpoint``): those travel in the client state and
 are restored on load.
 
-:func:`float32_state_dict` gathers a submodule's whole float32 state dict for the export: FSDP's full
-state dict, or DeepSpeed's float32 master weights (under bf16 DeepSpeed casts the module itself).
+:func:`float32_state_dict` gathers the float32 state the exports are cut from (the backbone's, stage 3's
+model but its frozen LM): FSDP's full state dict, or DeepSpeed's float32 master weights (under bf16
+DeepSpeed casts the module itself). Both strategies refuse a stage-3 model export as ``ckpt_path``
+(:func:`~mambaxray_ctl.stages.export.refuse_model_export`): their checkpoint loading is their own.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch import LightningModule
@@ -28,6 +30,8 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import CustomPolicy
+
+from mambaxray_ctl.stages.export import SHARDED_CKPT_PATH, refuse_model_export
 
 WRAP_LAYERS: tuple[str, ...] = (
     "mambaxray_ctl.backbone.blocks.ARMBlock",
@@ -102,6 +106,10 @@ class StageFSDPStrategy(FSDPStrategy):
         self.kwargs.setdefault("sync_module_states", self.root_device.type == "cuda")
         return super()._setup_model(model)
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        refuse_model_export(checkpoint_path, SHARDED_CKPT_PATH)
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
 
 class StageDeepSpeedStrategy(DeepSpeedStrategy):
     """:class:`~lightning.pytorch.strategies.DeepSpeedStrategy` whose checkpoints keep the module's own
@@ -115,6 +123,7 @@ class StageDeepSpeedStrategy(DeepSpeedStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        refuse_model_export(checkpoint_path, SHARDED_CKPT_PATH)
         module = self.lightning_module
         strict = module.strict_loading
         module.strict_loading = False  # the engine's file lacks the frozen parameters: restored below
@@ -153,21 +162,24 @@ def restore_frozen(module: nn.Module, entries: Mapping[str, Tensor]) -> None:
         raise RuntimeError(f"frozen parameters this module lacks: {result.unexpected_keys[:8]}")
 
 
-def float32_state_dict(module: LightningModule, name: str) -> dict[str, Tensor]:
-    """The whole state dict of ``module.<name>`` in float32 on the CPU, for an export.
+def float32_state_dict(
+    module: LightningModule, prefix: str = "", exclude: Container[str] = frozenset()
+) -> dict[str, Tensor]:
+    """The entries of ``module``'s whole state dict whose names start with ``prefix``, less those named
+    in ``exclude``, on the CPU with floating-point tensors in float32 (others as they are), for an
+    export; full names (:func:`submodule_entries` cuts a submodule's out).
 
     Under FSDP and DeepSpeed this is a collective: call it on every rank; under FSDP only rank 0 gets
     the gathered tensors. Under DeepSpeed the parameters it optimises come from its float32 masters.
     """
     strategy = module.trainer.strategy
     if isinstance(strategy, FSDPStrategy):
-        offload = strategy.root_device.type != "cpu"
-        state = _submodule_entries(fsdp_full_state_dict(strategy.model, offload), name)
+        state = fsdp_full_state_dict(strategy.model, offload=strategy.root_device.type != "cpu")
     else:
-        submodule = module.get_submodule(name)
-        state = submodule.state_dict()
-        if isinstance(strategy, DeepSpeedStrategy):
-            state = merge_masters(state, _zero_masters(submodule))
+        state = module.state_dict()
+    state = {key: value for key, value in state.items() if key.startswith(prefix) and key not in exclude}
+    if isinstance(strategy, DeepSpeedStrategy):
+        state = merge_masters(state, zero_masters(module, state))
     return {key: _float32_cpu(value) for key, value in state.items()}
 
 
@@ -179,7 +191,8 @@ def merge_masters(state: Mapping[str, Tensor], masters: Mapping[str, Tensor]) ->
     return {key: masters.get(key, value) for key, value in state.items()}
 
 
-def _submodule_entries(state: Mapping[str, Tensor], name: str) -> dict[str, Tensor]:
+def submodule_entries(state: Mapping[str, Tensor], name: str) -> dict[str, Tensor]:
+    """The entries of submodule ``name`` in a module's ``state``, named relative to it."""
     prefix = f"{name}."
     return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
 
@@ -192,12 +205,15 @@ def fsdp_full_state_dict(model: nn.Module, offload: bool) -> dict[str, Tensor]:
         return model.state_dict()
 
 
-def _zero_masters(module: nn.Module) -> dict[str, Tensor]:
-    """DeepSpeed's float32 master weights of the parameters it optimises (a collective per parameter)."""
+def zero_masters(module: nn.Module, names: Container[str]) -> dict[str, Tensor]:
+    """DeepSpeed's float32 master weights of the parameters of ``module`` named in ``names`` that it
+    optimises (a collective per parameter: call on every rank)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     masters = {}
     for key, param in module.named_parameters():
+        if key not in names:
+            continue
         master = safe_get_full_fp32_param(param)
         if master is not None:
             masters[key] = master
@@ -205,5 +221,5 @@ def _zero_masters(module: nn.Module) -> dict[str, Tensor]:
 
 
 def _float32_cpu(value: Tensor) -> Tensor:
-    value = value.detach().cpu()
+    value = value.detach().cpu().contiguous()  # safetensors writes contiguous tensors only
     return value.float() if value.is_floating_point() else value

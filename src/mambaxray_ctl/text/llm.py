@@ -13,6 +13,7 @@ part is padded (on the right).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,16 +22,18 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import is_accelerate_available, is_bitsandbytes_available
 
-from mambaxray_ctl.text.loading import load_model, load_pretrained
+from mambaxray_ctl.text.loading import RANDOM_INIT_MARKER, is_random_init, load_model, load_pretrained
 
 DEFAULT_PROMPT = "Generate a comprehensive and detailed diagnosis report for this chest xray image."
 DEFAULT_TEMPLATE = "Human: <Img><ImageHere></Img> {prompt} \nAssistant:"
 IMAGE_PLACEHOLDER = "<ImageHere>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
+QUANTIZATIONS = ("nf4",)
 IGNORE_INDEX = -100
 
 
@@ -42,6 +45,8 @@ class LMSpec:
         name: a local folder or hub name for ``AutoModelForCausalLM`` and its tokenizer.
         dtype: the LM's weights dtype.
         lora: LoRA adapter settings (``r``, ``alpha``, ``dropout``, ``target_modules``; needs peft).
+        quantization: ``"nf4"`` loads the LM's linear layers in 4 bits (:func:`quantization_settings`;
+            CUDA and bitsandbytes only); ``None``: the LM is loaded in ``dtype``.
         prompt: the instruction filled into ``template``'s ``{prompt}``.
         template: the text around the visual tokens; ``<ImageHere>`` marks them.
         max_target_tokens: report tokens kept for training (longer reports are truncated).
@@ -50,6 +55,7 @@ class LMSpec:
     name: str = "Qwen/Qwen1.5-1.8B-Chat"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     lora: dict[str, Any] | None = None
+    quantization: Literal["nf4"] | None = None
     prompt: str = DEFAULT_PROMPT
     template: str = DEFAULT_TEMPLATE
     max_target_tokens: int = 60
@@ -123,7 +129,9 @@ def _wrap_lora(model: nn.Module, lora: dict[str, Any]) -> nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:
-        raise ImportError("LoRA on the report LM needs the peft package: pip install peft") from exc
+        raise ImportError(
+            "LoRA on the report LM (lm.lora) needs the peft package: pip install 'mambaxray-ctl[lora]'"
+        ) from exc
     config = LoraConfig(
         r=lora.get("r", 16),
         lora_alpha=lora.get("alpha", 16),
@@ -132,6 +140,46 @@ def _wrap_lora(model: nn.Module, lora: dict[str, Any]) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def quantization_settings(quantization: str | None, name_or_path: str) -> dict[str, Any]:
+    """The extra ``from_pretrained`` arguments of a quantized LM load (none for ``None``).
+
+    ``"nf4"``: QLoRA's 4-bit NormalFloat with double quantization of the block constants and bfloat16
+    compute (Dettmers et al., 2023, arXiv:2305.14314; transformers' ``BitsAndBytesConfig``), the whole
+    model placed on this process's GPU (``LOCAL_RANK``, as torchrun and Lightning's launcher set it; 0
+    when unset), where the Trainer finds it. The placement does not follow ``trainer.devices=[k]``: to
+    train on GPU k alone, make it the only visible one (``CUDA_VISIBLE_DEVICES=k``). Memory and caveats:
+    README.md#llama-2-7b-on-a-24-gb-card.
+
+    :raises ValueError: an unknown method, or a random-init folder (no pretrained weights to quantize).
+    :raises RuntimeError: torch sees no CUDA device (bitsandbytes' 4-bit kernels need one).
+    :raises ImportError: bitsandbytes or accelerate is missing.
+    """
+    if quantization is None:
+        return {}
+    setting = f"lm.quantization={quantization!r}"
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown {setting}; choose one of {list(QUANTIZATIONS)} or null")
+    if is_random_init(name_or_path):
+        raise ValueError(
+            f"{setting} quantizes pretrained weights, but {name_or_path} is a random-init folder "
+            f"({RANDOM_INIT_MARKER}); leave lm.quantization unset (null)"
+        )
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{setting} loads the LM in 4 bits with bitsandbytes, which needs a CUDA GPU, and torch sees "
+            "none here; run on a CUDA machine, or leave lm.quantization unset (null) to load it in lm.dtype"
+        )
+    if not (is_bitsandbytes_available() and is_accelerate_available()):
+        raise ImportError(f"{setting} needs bitsandbytes and accelerate: pip install 'mambaxray-ctl[quant]'")
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+    return {"quantization_config": config, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
 
 
 class ReportLM(nn.Module):
@@ -152,6 +200,7 @@ class ReportLM(nn.Module):
         max_target_tokens: int = LMSpec.max_target_tokens,
         lora: dict[str, Any] | None = None,
         local_files_only: bool | None = None,
+        quantization: str | None = None,
     ) -> None:
         super().__init__()
         if dtype not in DTYPES:
@@ -159,6 +208,15 @@ class ReportLM(nn.Module):
         if max_target_tokens < 1:
             raise ValueError(f"max_target_tokens must be >= 1, got {max_target_tokens}")
         before, after = split_template(template, prompt)
+        quantized = quantization_settings(quantization, name_or_path)
+        if quantized and dtype != "bfloat16":
+            warnings.warn(
+                f"lm.quantization={quantization!r} with lm.dtype={dtype!r}: the parts left unquantized "
+                f"(embeddings, lm_head, norms) stay in {dtype} while the 4-bit layers compute in bfloat16; "
+                "set lm.dtype: bfloat16",
+                UserWarning,
+                stacklevel=2,
+            )
         self.max_target_tokens = max_target_tokens
         self.tokenizer = load_pretrained(
             AutoTokenizer.from_pretrained, name_or_path, what="report LM", local_files_only=local_files_only
@@ -169,6 +227,7 @@ class ReportLM(nn.Module):
             what="report LM",
             local_files_only=local_files_only,
             dtype=DTYPES[dtype],
+            **quantized,
         )
         self.bos_id: int | None = self.tokenizer.bos_token_id
         self.eos_id: int = self.tokenizer.eos_token_id
@@ -191,7 +250,8 @@ class ReportLM(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: LMSpec, local_files_only: bool | None = None) -> ReportLM:
-        """The LM an :class:`LMSpec` names, with its prompt, template, target length and LoRA."""
+        """The LM an :class:`LMSpec` names, with its prompt, template, target length, LoRA and
+        quantization."""
         return cls(
             spec.name,
             dtype=spec.dtype,
@@ -200,6 +260,7 @@ class ReportLM(nn.Module):
             max_target_tokens=spec.max_target_tokens,
             lora=spec.lora,
             local_files_only=local_files_only,
+            quantization=spec.quantization,
         )
 
     def _token_ids(self, text: str) -> Tensor:
