@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambaxray_ctl.backbone import create_backbone, get_preset_config
+from mambaxray_ctl.hardware import describe_machine, machine
 from mambaxray_ctl.ops.selective_scan import resolve_impl
 
 RESULTS = Path(__file__).parent / "results" / "backbone.json"
@@ -120,7 +121,8 @@ def main() -> None:
             }
         )
 
-    print(f"backbone forward, batch 1, inference mode, {args.threads} threads, scan impl: {impl}")
+    info = machine()
+    print(f"backbone forward, batch 1, inference mode, scan impl {impl}, on {describe_machine(info)}")
     print("| px | tokens | Vim-Tiny ms | ViT-Tiny ms | Vim/ViT time | Vim GMAC | ViT GMAC | Vim/ViT MAC |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -130,7 +132,7 @@ def main() -> None:
             f"{r['mac_ratio_vim_over_vit']} |"
         )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"threads": args.threads, "scan_impl": impl, "rows": rows, "torch": torch.__version__}
+    payload = {"machine": info, "scan_impl": impl, "rows": rows}
     RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -20,6 +19,7 @@ from PIL import Image
 
 from mambaxray_ctl.data.prepare import build_cache
 from mambaxray_ctl.demo.world import generate_world
+from mambaxray_ctl.hardware import describe_machine, machine
 
 RESULTS = Path(__file__).parent / "results" / "data.json"
 
@@ -88,7 +88,8 @@ def main() -> None:
                     "unit": "images/s",
                 }
             )
-    print(f"data pipeline, {os.cpu_count()} CPUs")
+    info = machine()
+    print(f"data pipeline on {describe_machine(info)}, {info['cpus']} CPUs")
     print("| task | seconds | rate |")
     print("|---|---|---|")
     for r in rows:
@@ -96,7 +97,7 @@ def main() -> None:
     speedup = rows[2]["rate"] / rows[1]["rate"]
     print(f"image cache speed-up 2 vs 1 process: {speedup:.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"cpus": os.cpu_count(), "rows": rows, "cache_speedup_2_vs_1": round(speedup, 2)}
+    payload = {"machine": info, "rows": rows, "cache_speedup_2_vs_1": round(speedup, 2)}
     RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mambaxray_ctl.hardware import describe_machine, machine
 from mambaxray_ctl.ops.cpu_fused import cpu_fused_available, selective_scan_cpu_fused
 from mambaxray_ctl.ops.reference import selective_scan_reference
 
@@ -134,7 +134,9 @@ def main() -> None:
             rows[-1]["max_err_vs_f64"] = max_error(scan, inputs)
             print(f"  {shape_name} {name}: {timing}", flush=True)
 
-    print("\n| shape | impl | fwd ms | fwd+bwd ms | fwd ×fused | fwd+bwd ×fused | max err (f32 vs f64) |")
+    info = machine()
+    print(f"\nselective scan, float32, on {describe_machine(info)}")
+    print("| shape | impl | fwd ms | fwd+bwd ms | fwd ×fused | fwd+bwd ×fused | max err (f32 vs f64) |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         fused = next(r for r in rows if r["shape"] == row["shape"] and r["impl"] == "fused")
@@ -153,10 +155,7 @@ def main() -> None:
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": info,
         "dtype": "float32",
         "repeats": {name: repeats for name, (_, repeats) in impls.items()},
     }

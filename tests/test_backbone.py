@@ -18,7 +18,7 @@ from mambaxray_ctl.backbone import (
 )
 from mambaxray_ctl.backbone import mixer as mixer_module
 from mambaxray_ctl.backbone.layers import DropPath, PatchEmbed, resample_pos_embed, sincos_2d_pos_embed
-from mambaxray_ctl.backbone.mixer import MambaMixer, column_major_index
+from mambaxray_ctl.backbone.mixer import MambaMixer, column_major, column_major_index
 from mambaxray_ctl.ops import cpu_fused_available, selective_scan
 
 REF = {"ssm_impl": "reference"}
@@ -255,6 +255,9 @@ def test_column_order_round_trips(grid: tuple[int, int], with_cls: bool) -> None
     x = torch.randn(2, 8, n + with_cls)
     assert sorted(order.tolist()) == list(range(n + with_cls))
     assert torch.equal(x[..., order][..., order.argsort()], x)
+    # The mixer's permutation (slices and a transpose) is exactly that gather, and its inverse.
+    assert torch.equal(column_major(x, grid, cls_index), x[..., order])
+    assert torch.equal(column_major(x[..., order], grid, cls_index, inverse=True), x)
     if with_cls:
         assert order[cls_index] == cls_index
     patches = torch.arange(n).view(grid)
@@ -519,6 +522,37 @@ def test_causal_depthwise_conv1d_keeps_the_input_dtype() -> None:
     assert got.dtype == torch.bfloat16
     want = F.conv1d(x.float(), weight, bias, padding=3, groups=6)[..., :11]
     torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("length", [1, 3, 37], ids=["L1", "L3", "L37"])
+def test_fused_conv_silu_equals_the_conv_and_silu(reverse: bool, with_bias: bool, length: int) -> None:
+    """The fused CPU causal conv + SiLU: values and gradients of F.silu(causal_depthwise_conv1d(...)), on
+    a strided x (the x half of xz, as in the mixer), float64 and float32."""
+    from mambaxray_ctl.backbone.mixer import causal_depthwise_conv1d
+    from mambaxray_ctl.ops import causal_conv1d_silu_cpu, cpu_fused_available
+
+    if not cpu_fused_available():
+        pytest.skip("the fused CPU extension cannot be built here")
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        g = torch.Generator().manual_seed(length)
+        xz = torch.randn(3, 2 * 19, length, generator=g, dtype=dtype).requires_grad_()
+        weight = torch.randn(19, 1, 4, generator=g, dtype=dtype).requires_grad_()
+        bias = torch.randn(19, generator=g, dtype=dtype).requires_grad_() if with_bias else None
+        dout = torch.randn(3, 19, length, generator=g, dtype=dtype)
+        x = xz.chunk(2, dim=1)[0]
+        got = causal_conv1d_silu_cpu(x, weight, bias, reverse)
+        want = F.silu(causal_depthwise_conv1d(x, weight, bias, reverse))
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        leaves = [t for t in (xz, weight, bias) if t is not None]
+        grads = torch.autograd.grad(got, leaves, dout)
+        for grad, want_grad in zip(grads, torch.autograd.grad(want, leaves, dout), strict=True):
+            torch.testing.assert_close(grad, want_grad, rtol=tol, atol=tol)
+        with torch.no_grad():
+            torch.testing.assert_close(causal_conv1d_silu_cpu(x, weight, bias, reverse), got, rtol=0, atol=0)
+    low = causal_conv1d_silu_cpu(x.detach().bfloat16(), weight.detach(), None, reverse)
+    assert low.dtype == torch.bfloat16
 
 
 SCAN_ARGS = ("u", "delta", "A", "B", "C")

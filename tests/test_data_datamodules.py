@@ -145,6 +145,20 @@ def test_reads_from_the_image_cache(tmp_path: Path) -> None:
         _module(annotation, image_cache=str(cache)).setup("fit")
 
 
+def test_keep_in_memory_decodes_each_study_once(tmp_path: Path) -> None:
+    annotation, _ = make_dataset(tmp_path, counts=(4, 1, 1), views=(2,), size=24)
+    plain, kept = _module(annotation, shuffle=False), _module(annotation, shuffle=False, keep_in_memory=True)
+    plain.setup("fit")
+    kept.setup("fit")
+    first = next(iter(kept.train_dataloader()))
+    assert torch.equal(first["images"], next(iter(plain.train_dataloader()))["images"])
+    for path in (tmp_path / "images").rglob("*.png"):  # later epochs read no file
+        path.unlink()
+    assert torch.equal(next(iter(kept.train_dataloader()))["images"], first["images"])
+    with pytest.raises(DataValidationError, match="file not found"):
+        next(iter(plain.train_dataloader()))
+
+
 def test_signatures_are_plain_for_lightning_cli() -> None:
     from jsonargparse import ArgumentParser
 

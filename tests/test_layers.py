@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # Layer -> its units (top-level packages and modules of mambaxray_ctl), lowest first. A unit imports
 # freely from itself; peers (units of the same layer) may not import each other.
 LAYERS: dict[int, tuple[str, ...]] = {
-    0: ("compat", "distributed", "logs", "provenance"),  # foundation: single modules, no other layer
+    0: ("compat", "distributed", "hardware", "logs", "provenance"),  # foundation: single modules
     1: ("ops",),  # the selective scan and its implementations
     2: ("backbone",),  # Vision Mamba: config, layers, checkpoints
     3: ("data", "text"),  # datasets and DataModules | the text models (peers)

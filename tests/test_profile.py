@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import Qwen2ForCausalLM
 
+from mambaxray_ctl import hardware
 from mambaxray_ctl.backbone import create_backbone
 from mambaxray_ctl.cli import main
 from mambaxray_ctl.profile import command, measure
@@ -158,15 +159,23 @@ def test_default_batch_is_the_configs_global_batch_per_device() -> None:
         assert iu["steps_per_epoch"] == math.ceil(2069 / 20) == 104
 
 
-def test_cpu_flags_and_native_precision(tmp_path: Path) -> None:
+def test_cpu_flags_model_and_native_precision(tmp_path: Path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16\n\nflags\t\t: fpu avx2\n")
-    flags = measure.cpu_flags(cpuinfo)
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC  7B13 64-Core Processor\n"
+        "flags\t\t: fpu avx2 avx512f amx_bf16\n\nflags\t\t: fpu avx2\n"
+    )
+    flags = hardware.cpu_flags(cpuinfo)
+    assert hardware.cpu_model(cpuinfo) == "AMD EPYC 7B13 64-Core Processor"
     assert {"avx2", "avx512f", "amx_bf16"} <= flags
     assert measure.native_bf16_flags(flags) == ["amx_bf16"]
     assert "bfloat16 native (amx_bf16)" in measure.describe_cpu(flags)
     assert "bfloat16 emulated" in measure.describe_cpu({"avx2"})
-    assert measure.cpu_flags(tmp_path / "missing") == set()
+    assert hardware.cpu_flags(tmp_path / "missing") == set()
+    assert hardware.cpu_model(tmp_path / "missing")  # platform's answer, never empty
+    info = hardware.machine()
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert hardware.describe_machine(info).startswith(f"{info['cpu_model']}, {info['cpu_capability']}, ")
 
 
 def test_duration_units() -> None:

@@ -127,6 +127,34 @@ def test_loss_is_mean_cross_entropy_over_report_tokens(lm: ReportLM) -> None:
     torch.testing.assert_close(loss, expected)
 
 
+class _NoLogitsToKeep(nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: object) -> object:
+        return self.model(**inputs)
+
+
+def test_labelled_token_loss_equals_the_lms_own_loss(lm: ReportLM) -> None:
+    """Logits from the last prompt position only (or all, for a model without ``logits_to_keep``) give
+    the model's ``labels=`` loss and its gradient; a fully labelled sequence too."""
+    batch = lm.build_inputs(_visual(lm, 3).requires_grad_(), REPORTS[:3])
+    inputs = {"inputs_embeds": batch["inputs_embeds"], "attention_mask": batch["attention_mask"]}
+    want = lm.model(**inputs, labels=batch["labels"]).loss
+    for model in (lm.model, _NoLogitsToKeep(lm.model)):
+        got = llm.labelled_token_loss(model, batch["labels"], **inputs)
+        torch.testing.assert_close(got, want)
+        embeds = batch["inputs_embeds"]
+        grad, want_grad = (torch.autograd.grad(x, embeds, retain_graph=True)[0] for x in (got, want))
+        torch.testing.assert_close(grad, want_grad)
+    ids = batch["target_ids"]
+    full = llm.labelled_token_loss(lm.model, ids, input_ids=ids)
+    torch.testing.assert_close(full, lm.model(input_ids=ids, labels=ids).loss)
+
+
 def test_lm_frozen_in_eval_mode_and_visual_gets_gradients(lm: ReportLM) -> None:
     lm.train()
     assert lm.training and not any(module.training for module in lm.model.modules())

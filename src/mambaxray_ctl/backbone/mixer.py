@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mambaxray_ctl.ops import selective_scan
+from mambaxray_ctl.ops import causal_conv1d_silu_cpu, resolve_impl, selective_scan
 
 if TYPE_CHECKING:
     from mambaxray_ctl.backbone.config import VisionMambaConfig
@@ -56,6 +56,21 @@ def column_major_index(
     order = order + (order >= cls_index).long()  # patch number -> token index
     cls = torch.tensor([cls_index], device=device)
     return torch.cat([order[:cls_index], cls, order[cls_index:]])
+
+
+def column_major(
+    x: Tensor, grid_size: tuple[int, int], cls_index: int | None, inverse: bool = False
+) -> Tensor:
+    """``x[..., column_major_index(grid_size, cls_index)]`` (or, ``inverse``, the permutation back) for a
+    (..., L) ``x``, as slices, a transposed copy and concatenations: several times faster on CPU than a
+    gather along the last dimension, forward and backward."""
+    rows, cols = (grid_size[1], grid_size[0]) if inverse else grid_size
+    if cls_index is None:
+        return x.unflatten(-1, (rows, cols)).transpose(-1, -2).flatten(-2)
+    patches = torch.cat([x[..., :cls_index], x[..., cls_index + 1 :]], dim=-1)
+    patches = patches.unflatten(-1, (rows, cols)).transpose(-1, -2).flatten(-2)
+    cls = x[..., cls_index : cls_index + 1]
+    return torch.cat([patches[..., :cls_index], cls, patches[..., cls_index:]], dim=-1)
 
 
 def _linear_channel_major(x: Tensor, weight: Tensor) -> Tensor:
@@ -163,27 +178,28 @@ class MambaMixer(nn.Module):
         # (B, 2·d_inner, L) computed directly in channel-major layout (as mamba-ssm does), so that the
         # x and z halves are contiguous (for batch 1) and need no transposed copy before the scan.
         xz = _linear_channel_major(hidden_states, self.in_proj.weight)
-        order = inverse = None
         if any(direction.column for direction in self.directions):
-            order = self._column_order(hidden_states.shape[1], grid_size, cls_index, xz.device)
-            inverse = order.argsort()
+            self._check_grid(hidden_states.shape[1], grid_size, cls_index)
 
-        out = None
+        # Backward directions run on the unflipped sequence: the conv and the scan walk it backwards. The
+        # column directions share one reordered xz, and their summed output is mapped back once.
+        outputs = {False: None, True: None}  # column or not -> summed output in that order
+        xz_column = None
         for direction in self.directions:
-            seq = xz.index_select(-1, order) if direction.column else xz
-            # Backward directions run on the unflipped sequence: the conv and the scan walk it backwards.
-            y = self._scan(seq, direction.suffix, direction.reverse)
-            if direction.column:
-                y = y.index_select(-1, inverse)
-            out = y if out is None else out + y
+            if direction.column and xz_column is None:
+                xz_column = column_major(xz, grid_size, cls_index)
+            y = self._scan(xz_column if direction.column else xz, direction.suffix, direction.reverse)
+            summed = outputs[direction.column]
+            outputs[direction.column] = y if summed is None else summed + y
+        out = outputs[False]
+        if outputs[True] is not None:
+            out = out + column_major(outputs[True], grid_size, cls_index, inverse=True)
         if self.divide_out and len(self.directions) > 1:
             out = out / len(self.directions)
         return self.out_proj(out.transpose(1, 2))
 
     @staticmethod
-    def _column_order(
-        length: int, grid_size: tuple[int, int] | None, cls_index: int | None, device: torch.device
-    ) -> Tensor:
+    def _check_grid(length: int, grid_size: tuple[int, int] | None, cls_index: int | None) -> None:
         if grid_size is None:
             raise ValueError("column scan directions need the patch grid_size of the sequence")
         expected = grid_size[0] * grid_size[1] + int(cls_index is not None)
@@ -192,7 +208,6 @@ class MambaMixer(nn.Module):
                 f"sequence length {length} does not match grid {tuple(grid_size)} "
                 f"{'with' if cls_index is not None else 'without'} a class token (expected {expected})"
             )
-        return column_major_index(grid_size, cls_index, device)
 
     def _scan(self, xz: Tensor, suffix: str, reverse: bool = False) -> Tensor:
         """One direction on an already reordered ``xz`` (B, 2·d_inner, L) -> (B, d_inner, L); ``reverse``
@@ -204,7 +219,10 @@ class MambaMixer(nn.Module):
         d_skip: Tensor = getattr(self, f"D{suffix}")
 
         x, z = xz.chunk(2, dim=1)
-        x = F.silu(causal_depthwise_conv1d(x, conv.weight, conv.bias, reverse))
+        if resolve_impl(self.ssm_impl, x.device) == "cpu_fused":
+            x = causal_conv1d_silu_cpu(x, conv.weight, conv.bias, reverse)
+        else:
+            x = F.silu(causal_depthwise_conv1d(x, conv.weight, conv.bias, reverse))
         dt, b, c = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # (B, d_inner, L) directly; the dt_proj bias is applied inside the scan.
         dt = _linear_channel_major(dt, dt_proj.weight)

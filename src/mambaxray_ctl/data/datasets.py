@@ -64,7 +64,11 @@ class _ReplacingDataset(Dataset):
 
 
 class StudyDataset(_ReplacingDataset):
-    """Item: ``{"id", "images": (V, 3, H, W), "report", "raw_report", "labels"?: (K,), "failed"?}``."""
+    """Item: ``{"id", "images": (V, 3, H, W), "report", "raw_report", "labels"?: (K,), "failed"?}``.
+
+    ``keep_in_memory``: keep each study's transformed images after their first load and serve them
+    from memory afterwards (only for a deterministic ``transform``; each worker process keeps its own).
+    """
 
     def __init__(
         self,
@@ -72,11 +76,13 @@ class StudyDataset(_ReplacingDataset):
         locate: Callable[[str], Path],
         transform: Transform,
         on_invalid: OnInvalid = "error",
+        keep_in_memory: bool = False,
     ) -> None:
         self.studies = list(studies)
         self.locate = locate
         self.transform = transform
         self.on_invalid = on_invalid
+        self.memory: dict[int, Tensor] | None = {} if keep_in_memory else None
 
     def __len__(self) -> int:
         return len(self.studies)
@@ -86,7 +92,11 @@ class StudyDataset(_ReplacingDataset):
 
     def _load(self, index: int) -> dict[str, Any]:
         study = self.studies[index]
-        images = torch.stack([self.transform(load_image(self.locate(p))) for p in study.image_paths])
+        images = None if self.memory is None else self.memory.get(index)
+        if images is None:
+            images = torch.stack([self.transform(load_image(self.locate(p))) for p in study.image_paths])
+            if self.memory is not None:
+                self.memory[index] = images
         sample: dict[str, Any] = {
             "id": study.id,
             "images": images,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mambaxray_ctl.demo.pointing import DEFAULT_STUDIES, format_pointing_table, run_pointing_game
+from mambaxray_ctl.hardware import describe_machine, machine
 from mambaxray_ctl.pipeline import (
     STAGE2,
     STAGE3,
@@ -238,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
         "runs": {stage.config: str(runs[stage.name].run_dir) for stage in FULL_METHOD},
         "predictions": str(predictions),
         "wall_time_s": timings,
+        "machine": machine(),
         "command": " ".join(["mambaxray-ctl", "demo", *sys.argv[2:]]),
     }
     if args.pointing_studies > 0:
@@ -264,7 +266,9 @@ def run(args: argparse.Namespace) -> int:
         f"\nmacro clinical F1 {ours['CE_F1_macro']:.3f} vs baseline {blind['CE_F1_macro']:.3f} "
         f"(+{margin:.3f}): learning target {verdict} (≥ {TARGET_F1}, ≥ +{TARGET_MARGIN})"
     )
-    print(f"wall time {timings['total']:.0f} s; written: {out / 'metrics.json'}")
+    steps = ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items() if name != "total")
+    print(f"wall time {timings['total']:.0f} s ({steps}) on {describe_machine(summary['machine'])}")
+    print(f"written: {out / 'metrics.json'}")
     return 0
 
 

@@ -55,7 +55,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QW
 from mambaxray_ctl.data.cleaning import CleaningRule, clean_report
 from mambaxray_ctl.demo.findings import LABEL_NAMES
 from mambaxray_ctl.demo.labeller import extract_labels
-from mambaxray_ctl.text.llm import DEFAULT_PROMPT, DEFAULT_TEMPLATE, split_template
+from mambaxray_ctl.text.llm import DEFAULT_PROMPT, DEFAULT_TEMPLATE, labelled_token_loss, split_template
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def _fit(
     model.train()
     bar = tqdm(range(steps), desc="report LM", unit="step", disable=not progress)
     for _, (ids, mask, labels) in zip(bar, batches, strict=False):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = labelled_token_loss(model, labels, input_ids=ids, attention_mask=mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

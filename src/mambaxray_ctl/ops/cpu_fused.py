@@ -2,8 +2,10 @@
 
 The extension (``csrc/selective_scan_cpu.cpp``) is compiled on first use with
 ``torch.utils.cpp_extension.load`` and cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``).
-It targets the vector ISA that torch detected (``torch.backends.cpu.get_cpu_capability()``); the ISA is
-part of the extension name, so machines that share a cache never load a build they cannot run.
+It targets the vector ISA that torch detected (``torch.backends.cpu.get_cpu_capability()``: AVX-512,
+AVX2, else 128-bit vectors); the ISA is part of the extension name, so machines that share a cache
+never load a build they cannot run. It also holds the causal depthwise convolution + SiLU that feeds
+the scan (:func:`causal_conv1d_silu_cpu`).
 If it cannot be built, :func:`selective_scan_cpu_fused` warns once with the reason and runs the
 reference instead.
 """
@@ -19,12 +21,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from mambaxray_ctl.ops.reference import compute_dtype, flip_time, reversed_scan, selective_scan_reference
+from mambaxray_ctl.ops.reference import compute_dtype, reversed_scan, selective_scan_reference
 
 _SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
-# -fno-trapping-math lets gcc if-convert the clamps and selects of the vectorised math (without it
-# only AVX-512 masking vectorises those loops); it changes no result, only floating-point trap flags.
-_CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
+# -fno-trapping-math lets gcc turn the selects of the vector math into blends; it changes no result, only
+# floating-point trap flags. -ffp-contract=fast fuses a * b + c into one FMA instruction.
+_CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=fast"]
 _ISA_FLAGS = {
     "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -79,6 +81,10 @@ def _prepare(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype).contiguous()
 
 
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
 def _kernel_args(
     u: Tensor,
     delta: Tensor,
@@ -89,13 +95,18 @@ def _kernel_args(
     z: Tensor | None,
     delta_bias: Tensor | None,
 ) -> list[Tensor | None]:
-    """The op's tensor arguments in the compute dtype; B and C keep their strides (the op re-lays them)."""
+    """The op's tensor arguments in the compute dtype; the (B, D, L) and (B, N, L) ones keep their strides
+    (the op reads them in place), the parameters A, D and delta_bias are made contiguous."""
     dtype = compute_dtype(u.dtype)
     return [
-        *(_prepare(t, dtype) for t in (u, delta, A)),
-        B.to(dtype),
-        C.to(dtype),
-        *(_prepare(t, dtype) for t in (D, z, delta_bias)),
+        _cast(u, dtype),
+        _cast(delta, dtype),
+        _prepare(A, dtype),
+        _cast(B, dtype),
+        _cast(C, dtype),
+        _prepare(D, dtype),
+        _cast(z, dtype),
+        _prepare(delta_bias, dtype),
     ]
 
 
@@ -140,15 +151,10 @@ class _SelectiveScanCPU(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor, dlast: Tensor | None = None) -> tuple[Tensor | None, ...]:
         inputs = ctx.saved_tensors
         dtype = compute_dtype(inputs[0].dtype)
-        args = _kernel_args(*inputs)
-        if ctx.reverse:  # the backward op has no reverse flag: run it on the time-flipped problem
-            args = flip_time(args)
-            dout = dout.flip(-1)
+        dout, dlast = _cast(dout, dtype), _prepare(dlast, dtype)
         grads = torch.ops.mambaxray_ctl.selective_scan_bwd(
-            *args, ctx.delta_softplus, _prepare(dout, dtype), _prepare(dlast, dtype)
+            *_kernel_args(*inputs), ctx.delta_softplus, dout, dlast, ctx.reverse
         )
-        if ctx.reverse:
-            grads = flip_time(grads)
         needs = ctx.needs_input_grad
         return (
             *(_cast_grad(g, t, n) for g, t, n in zip(grads, inputs, needs, strict=False)),
@@ -187,3 +193,43 @@ def selective_scan_cpu_fused(
     # the tensors it would save for the backward pass.
     out, last_state = _fused_forward(tensors, delta_softplus, reverse)
     return (out, last_state) if return_last_state else out
+
+
+class _CausalConv1dSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool) -> Tensor:
+        args = _conv_args(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.reverse = reverse
+        return torch.ops.mambaxray_ctl.causal_conv1d_silu_fwd(*args, reverse).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias = ctx.saved_tensors
+        args = _conv_args(x, weight, bias)
+        dx, dweight, dbias = torch.ops.mambaxray_ctl.causal_conv1d_silu_bwd(
+            *args, dout.to(args[0].dtype), ctx.reverse
+        )
+        needs = ctx.needs_input_grad
+        return (
+            _cast_grad(dx, x, needs[0]),
+            _cast_grad(dweight.view(weight.shape), weight, needs[1]),
+            _cast_grad(dbias, bias, needs[2]),
+            None,
+        )
+
+
+def _conv_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """x (any strides) in the compute dtype, the (C, 1, K) weight as a contiguous (C, K) one, the bias."""
+    dtype = compute_dtype(x.dtype)
+    return x.to(dtype), _prepare(weight.flatten(1), dtype), _prepare(bias, dtype)
+
+
+def causal_conv1d_silu_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool = False) -> Tensor:
+    """``silu(causal_depthwise_conv1d(x, weight, bias, reverse))`` in one pass of the fused extension
+    (sums and SiLU in float32 for lower-precision ``x``, output in ``x``'s dtype); the backward pass
+    recomputes the convolution. Needs :func:`cpu_fused_available`."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _CausalConv1dSiLU.apply(x, weight, bias, reverse)
+    return torch.ops.mambaxray_ctl.causal_conv1d_silu_fwd(*_conv_args(x, weight, bias), reverse).to(x.dtype)

@@ -14,8 +14,9 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from mambaxray_ctl.callbacks.tensorboard import parameter_counts
+from mambaxray_ctl.hardware import cpu_flags, machine
 from mambaxray_ctl.ops import SCAN_IMPLS
-from mambaxray_ctl.profile.measure import StepProfiler, cpu_flags, describe_cpu, native_bf16_flags, uses_bf16
+from mambaxray_ctl.profile.measure import StepProfiler, describe_cpu, native_bf16_flags, uses_bf16
 from mambaxray_ctl.profile.models import DATASET_LLM, LLM_CONFIGS, TEXT_ENCODER_CONFIGS, write_text_models
 from mambaxray_ctl.profile.report import DATASETS, format_table, headline, project
 from mambaxray_ctl.profile.stage import (
@@ -157,6 +158,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         "text_encoder": args.text_encoder if args.stage == "stage2_contrastive" else None,
         "accelerator": args.accelerator,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "machine": machine(),
         "devices": trainer.world_size,
         "strategy": args.strategy,
         "precision": args.precision,

@@ -6,7 +6,6 @@ import math
 import resource
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,20 +17,6 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 # CPU --------------------------------------------------------------------------------------------------------
-def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags (empty where ``/proc/cpuinfo`` cannot be read)."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    return {
-        flag
-        for line in text.splitlines()
-        if line.startswith("flags")
-        for flag in line.split(":", 1)[1].split()
-    }
-
-
 def native_bf16_flags(flags: set[str]) -> list[str]:
     """The flags that give this CPU native bfloat16 matrix arithmetic (AVX512-BF16, AMX)."""
     return [flag for flag in BF16_CPU_FLAGS if flag in flags]

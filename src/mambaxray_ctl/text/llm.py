@@ -13,6 +13,7 @@ part is padded (on the right).
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -35,6 +36,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 QUANTIZATIONS = ("nf4",)
 IGNORE_INDEX = -100
+
+
+def labelled_token_loss(model: nn.Module, labels: Tensor, **inputs: Any) -> Tensor:
+    """Mean next-token cross-entropy over the positions whose label is not ``IGNORE_INDEX`` (the loss of
+    a Hugging Face causal LM called with ``labels=``), computing the vocabulary logits only from the
+    position before the first labelled one on (``logits_to_keep``, where the model's forward takes it):
+    a prompt or visual prefix costs no LM-head work."""
+    length = labels.shape[1]
+    labelled = labels.ne(IGNORE_INDEX).any(0).nonzero()
+    keep = min(length, length - int(labelled[0]) + 1) if len(labelled) else 1
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, length - keep :]
+    targets = labels[:, length - keep + 1 :]
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
 
 
 @dataclass(frozen=True)
@@ -382,13 +401,15 @@ class ReportLM(nn.Module):
     def forward(self, visual: Tensor, reports: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean next-token cross-entropy over the report tokens, and the :meth:`build_inputs` dict."""
         batch = self.build_inputs(visual, reports)
-        output = self.model(
+        # Teacher forcing needs no KV cache (and checkpointing refuses one); the visual and prompt
+        # positions get no vocabulary logits.
+        loss = labelled_token_loss(
+            self.model,
+            batch["labels"],
             inputs_embeds=batch["inputs_embeds"],
             attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            use_cache=False,  # teacher forcing needs no KV cache (and checkpointing refuses one)
         )
-        return output.loss, batch
+        return loss, batch
 
     def target_embedding(
         self, target_ids: Tensor, target_mask: Tensor, include_padding: bool = False
