@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from mambaxray_ctl.data.cleaning import sentence_spans, split_sentences
+from mambaxray_ctl.text.llm import last_logits
 
 if TYPE_CHECKING:
     from mambaxray_ctl.stages.reportgen import ReportGenModule
@@ -133,9 +134,9 @@ def token_log_probs(llm: ReportLM, visual: Tensor, ids: Tensor) -> Tensor:
     prefix = llm._prefix(visual)
     targets = ids[None].expand(len(visual), -1)
     embeds = torch.cat([prefix, llm.input_embeddings(targets).to(prefix.dtype)], dim=1)
-    logits = llm.model(inputs_embeds=embeds, use_cache=False).logits
-    start = prefix.shape[1] - 1  # the logit at position p predicts the token at p + 1
-    log_probs = logits[:, start : start + len(ids)].float().log_softmax(-1)
+    # The logit at position p predicts the token at p + 1: the last len(ids) + 1 positions but the last.
+    logits = last_logits(llm.model, len(ids) + 1, inputs_embeds=embeds)
+    log_probs = logits[:, :-1].float().log_softmax(-1)
     return log_probs.gather(-1, targets[..., None])[..., 0]
 
 

@@ -38,18 +38,24 @@ QUANTIZATIONS = ("nf4",)
 IGNORE_INDEX = -100
 
 
+def last_logits(model: nn.Module, keep: int, **inputs: Any) -> Tensor:
+    """Vocabulary logits of a Hugging Face causal LM at the last ``keep`` positions, (B, keep, V), without
+    a KV cache; the LM head runs on those positions only where the model's forward takes
+    ``logits_to_keep``."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    return model(**inputs, use_cache=False).logits[:, -keep:]
+
+
 def labelled_token_loss(model: nn.Module, labels: Tensor, **inputs: Any) -> Tensor:
     """Mean next-token cross-entropy over the positions whose label is not ``IGNORE_INDEX`` (the loss of
-    a Hugging Face causal LM called with ``labels=``), computing the vocabulary logits only from the
-    position before the first labelled one on (``logits_to_keep``, where the model's forward takes it):
-    a prompt or visual prefix costs no LM-head work."""
+    a Hugging Face causal LM called with ``labels=``), with the vocabulary logits computed only from the
+    position before the first labelled one on (:func:`last_logits`): a prompt or visual prefix costs no
+    LM-head work."""
     length = labels.shape[1]
     labelled = labels.ne(IGNORE_INDEX).any(0).nonzero()
     keep = min(length, length - int(labelled[0]) + 1) if len(labelled) else 1
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-    else:
-        logits = model(**inputs, use_cache=False).logits[:, length - keep :]
+    logits = last_logits(model, keep, **inputs)
     targets = labels[:, length - keep + 1 :]
     return nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX

@@ -346,11 +346,7 @@ void forward_kernel(const ScanArgs<T>& a, T* out, T* last_state) {
 #pragma GCC unroll 16
         for (int64_t n = 0; n < N; ++n) {
           h[n] = vexp(dtl * p.A[n]) * h[n] + dtu * Bl[n];
-          if (n % 2 == 0) {
-            acc0 += Cl[n] * h[n];
-          } else {
-            acc1 += Cl[n] * h[n];
-          }
+          (n % 2 == 0 ? acc0 : acc1) += Cl[n] * h[n];
         }
         y[l] = acc0 + acc1 + p.D * u[l];
       }
